@@ -1,0 +1,91 @@
+"""Which tensors AWD disentangles (`select`), decided the same way everywhere.
+
+The paper computes delta over the weights of the linear layers inside the
+transformer blocks (section 4.2). "Inside the blocks" is what mergekit's
+architecture definitions call layer weights; a model without one falls back to
+the naming convention of repeated modules (a numeric path component, as in
+``model.layers.3.mlp.up_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import FrozenSet, List, Optional, Tuple
+
+_REPEATED_BLOCK = re.compile(r"(^|\.)\d+\.")
+
+
+def is_selected(
+    select: str,
+    name: str,
+    ndim: int,
+    vocabulary_axis: Optional[int],
+    layer_names: Optional[FrozenSet[str]],
+) -> bool:
+    """The `select` rule for one tensor (layer_names None: use the name convention)."""
+    if select == "all":
+        return True
+    if select == "linear":
+        in_layer = (
+            name in layer_names
+            if layer_names is not None
+            else bool(_REPEATED_BLOCK.search(name))
+        )
+        return ndim == 2 and vocabulary_axis is None and in_layer
+    return re.search(select, name) is not None
+
+
+def _architecture(model):
+    """mergekit's configured architecture of ``model`` (a ModelReference), or None."""
+    from mergekit.architecture import arch_info_for_config
+    from mergekit.architecture.base import ConfiguredModelArchitecture
+    from mergekit.io.tasks import LoaderCache
+
+    try:
+        config = model.config(trust_remote_code=LoaderCache().trust_remote_code)
+        info = arch_info_for_config(config)
+    except Exception:  # not a model reference, or no JSON architecture
+        return None
+    if info is None:
+        return None
+    return ConfiguredModelArchitecture(info=info, config=config)
+
+
+@lru_cache(maxsize=64)
+def layer_weight_names(model) -> Optional[FrozenSet[str]]:
+    """Names (with aliases) of the weights inside the repeated layers of ``model``."""
+    arch = _architecture(model)
+    if arch is None:
+        return None
+    names = set()
+    for module_name in arch.info.modules:
+        module = arch.get_module(module_name)
+        for index in range(module.num_layers()):
+            for weight in module.layer_weights(index):
+                names.add(weight.name)
+                names.update(weight.aliases or ())
+    return frozenset(names)
+
+
+def output_weights(model) -> List[Tuple[str, Tuple[str, ...], Optional[int], bool]]:
+    """(name, other names to load it by, vocabulary_axis, optional) of every weight.
+
+    The weights mergekit plans for a model of ``model``'s architecture; without
+    an architecture definition, the tensors in the model's files.
+    """
+    from mergekit.io.tasks import LoaderCache
+
+    arch = _architecture(model)
+    if arch is None:
+        names = LoaderCache().get(model).index.tensor_paths
+        return [(name, (), None, False) for name in sorted(names)]
+    return [
+        (
+            w.name,
+            tuple(w.aliases or ()) + tuple(w.tied_names or ()),
+            w.vocabulary_axis,
+            w.optional,
+        )
+        for w in arch.all_weights()
+    ]

@@ -1,0 +1,248 @@
+"""AWD's objective and solvers, as pure math on plain tensors (no mergekit, no I/O).
+
+Notation follows the paper (Xiong et al., arXiv 2411.18729) and DESIGN.md:
+tau_k are the task vectors (the K rows of T), delta is the redundant vector,
+the disentangled vectors are tau_k - delta, and
+
+    L(delta) = L_O + alpha * L_R
+    L_O = 1/(K(K-1)) * sum_{i != j} |cos(tau_i - delta, tau_j - delta)|
+    L_R = ||delta||_2
+
+Plain gradient descent from delta = 0 never leaves span{tau_k}, so with
+delta = T^T w every quantity is a function of the K x K Gram matrix G = T T^T
+and Algorithm 1 runs exactly in R^K (``sgd_gram``). Adam scales each element
+separately and leaves the span, so it needs the full-space solver
+(``adam_full``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+# Elements per chunk when accumulating a Gram matrix in float64: bounds the
+# temporary float64 copy to K * 2**20 * 8 bytes whatever the tensor size.
+GRAM_CHUNK = 1 << 20
+
+
+def gram(taus: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
+    """G = T T^T of K stacked vectors (any trailing shape), accumulated in float64.
+
+    Chunked so that float64 precision costs no more than a small temporary.
+    Returns a float64 K x K tensor on the device of ``taus``.
+    """
+    flat = taus.reshape(taus.shape[0], -1)
+    G = torch.zeros(
+        (flat.shape[0], flat.shape[0]), dtype=torch.float64, device=flat.device
+    )
+    for start in range(0, flat.shape[1], chunk):
+        x = flat[:, start : start + chunk].to(torch.float64)
+        G.addmm_(x, x.T)
+    return G
+
+
+def scale_of(G: np.ndarray) -> float:
+    """s = sqrt(mean_k ||tau_k||^2): the unit of `units: relative`."""
+    return math.sqrt(max(float(np.mean(np.diag(G))), 0.0))
+
+
+def raw_hyperparameters(
+    alpha: float,
+    lr: float,
+    *,
+    units: str,
+    optimizer: str,
+    s: float,
+    numel: int,
+) -> tuple:
+    """Convert (alpha, lr) to raw units (DESIGN.md §2, "Scale").
+
+    cos is scale invariant but ||delta|| and the plain-GD step are not:
+    alpha_raw = alpha_rel / s, lr_raw(sgd) = lr_rel * s^2, and for Adam, whose
+    steps are per element, lr_raw = lr_rel * (RMS entry of tau) = lr_rel * s / sqrt(P).
+    With s = 0 (all task vectors zero) there is nothing to solve; the raw values
+    are returned unchanged.
+    """
+    if units == "raw" or s == 0.0:
+        return alpha, lr
+    alpha_raw = alpha / s
+    if optimizer == "sgd":
+        return alpha_raw, lr * s * s
+    return alpha_raw, lr * s / math.sqrt(max(numel, 1))
+
+
+def cosine_matrix(H: np.ndarray) -> np.ndarray:
+    """cos_ij from inner products H_ij; a zero vector has cosine 0 with everything."""
+    n = np.sqrt(np.clip(np.diag(H), 0.0, None))
+    inv = np.divide(1.0, n, out=np.zeros_like(n), where=n > 0)
+    return H * inv[:, None] * inv[None, :]
+
+
+def disentangled_inner(G: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """<tau_i - delta, tau_j - delta> for delta = sum_k w_k tau_k, from G alone."""
+    Gw = G @ w
+    return G - Gw[:, None] - Gw[None, :] + float(w @ Gw)
+
+
+def mean_abs_offdiag(C: np.ndarray) -> float:
+    """L_O for a cosine matrix: mean |cos| over ordered pairs i != j."""
+    K = C.shape[0]
+    if K < 2:
+        return 0.0
+    return float((np.abs(C).sum() - np.abs(np.diag(C)).sum()) / (K * (K - 1)))
+
+
+def objective_gram(G: np.ndarray, w: np.ndarray, alpha: float) -> tuple:
+    """(L, L_O, L_R) at delta = sum_k w_k tau_k."""
+    H = disentangled_inner(G, w)
+    L_O = mean_abs_offdiag(cosine_matrix(H))
+    L_R = math.sqrt(max(float(w @ G @ w), 0.0))
+    return L_O + alpha * L_R, L_O, L_R
+
+
+def _orthogonality_terms(H: np.ndarray) -> tuple:
+    """(r, L_O) with grad_delta L_O = -2 sum_i r_i (tau_i - delta).
+
+    From d cos(a, b)/da = b/(|a||b|) - cos(a, b) a/|a|^2 and d a/d delta = -I:
+    r_i = (1/n_i) sum_j S_ij / n_j - (1/n_i^2) sum_j S_ij C_ij, with
+    S_ij = sign(C_ij) / (K(K-1)) off the diagonal (sign(0) = 0, as autograd's
+    subgradient of |x|) and n_i = ||tau_i - delta||; a zero vector contributes 0.
+    Written for speed: it runs once per solver step.
+    """
+    K = H.shape[0]
+    d = H.diagonal()
+    inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
+    C = H * np.multiply.outer(inv, inv)
+    S = np.sign(C)
+    S *= _offdiag_mean_mask(K)
+    SC = S * C
+    row = SC.sum(axis=1)
+    return inv * (S @ inv) - inv * inv * row, float(row.sum())
+
+
+_MASKS: dict = {}
+
+
+def _offdiag_mean_mask(K: int) -> np.ndarray:
+    if K not in _MASKS:
+        _MASKS[K] = (1.0 - np.eye(K)) / (K * (K - 1))
+    return _MASKS[K]
+
+
+@dataclass
+class Solution:
+    """What a solve found, in the paper's terms.
+
+    ``w`` (sgd only): delta = sum_k w_k tau_k. ``delta`` (adam only): the
+    full-space redundant vector, one tensor per input chunk. ``losses`` holds
+    L at delta^0 .. delta^N (N + 1 values).
+    """
+
+    alpha: float
+    lr: float
+    steps: int
+    losses: List[float] = field(default_factory=list)
+    w: Optional[np.ndarray] = None
+    delta: Optional[List[torch.Tensor]] = None
+
+
+def sgd_gram(G, alpha: float, lr: float, steps: int) -> Solution:
+    """Algorithm 1 (plain GD on delta from delta^0 = 0) solved exactly in R^K.
+
+    grad_delta L = T^T g with g = -2 (r - w * sum(r)) + alpha * w / ||delta||,
+    so the full-space step delta <- delta - lr * grad equals w <- w - lr * g.
+    No least-squares step is needed, so a singular G (identical or zero task
+    vectors) is harmless. numpy float64: a step is ~20 tiny ops, and numpy's
+    per-op overhead is a third of torch's, which matters with one solve per
+    tensor (`scope: tensor`): ~20 us a step for K = 4.
+    """
+    G = _as_numpy(G)
+    K = G.shape[0]
+    w = np.zeros(K)
+    if K < 2:
+        return Solution(alpha, lr, steps, [0.0] * (steps + 1), w=w)
+    losses = []
+    for _ in range(steps):
+        Gw = G @ w
+        q = max(float(w @ Gw), 0.0)
+        H = G - Gw[:, None]
+        H -= Gw
+        H += q
+        r, L_O = _orthogonality_terms(H)
+        norm = math.sqrt(q)
+        losses.append(L_O + alpha * norm)
+        g = w * (2.0 * float(r.sum()) + (alpha / norm if norm > 0 else 0.0))
+        g -= 2.0 * r
+        w = w - lr * g
+    losses.append(objective_gram(G, w, alpha)[0])
+    return Solution(alpha, lr, steps, losses, w=w)
+
+
+def _as_numpy(G) -> np.ndarray:
+    if isinstance(G, torch.Tensor):
+        G = G.detach().cpu().numpy()
+    return np.asarray(G, dtype=np.float64)
+
+
+def adam_full(
+    taus: Sequence[torch.Tensor],
+    G,
+    alpha: float,
+    lr: float,
+    steps: int,
+    *,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+) -> Solution:
+    """torch.optim.Adam on the full-space delta (one tensor per chunk of tau).
+
+    ``taus[c]`` is the K x ... slice of the task vectors for chunk c (a tensor
+    of the model under `scope: global`); delta has one matching tensor per chunk.
+    The gradient is analytic (no autograd graph over the model):
+    p_k = <tau_k, delta>, H = G - p 1^T - 1 p^T + ||delta||^2 and
+    grad = -2 sum_k r_k tau_k + (2 sum(r) + alpha / ||delta||) delta.
+    Two passes over tau per step and no K x P temporaries.
+    """
+    G = torch.from_numpy(_as_numpy(G))
+    K = G.shape[0]
+    delta = [
+        torch.zeros(t.shape[1:], dtype=t.dtype, device=t.device, requires_grad=True)
+        for t in taus
+    ]
+    losses: List[float] = []
+    if K < 2 or steps == 0:
+        losses = [_full_objective(taus, delta, G, alpha)[0]] * (steps + 1)
+        return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
+    opt = torch.optim.Adam(delta, lr=lr, betas=betas, eps=eps)
+    for _ in range(steps):
+        L, H, q = _full_objective(taus, delta, G, alpha)
+        losses.append(L)
+        r = torch.from_numpy(_orthogonality_terms(H)[0])
+        coef_delta = 2.0 * float(r.sum()) + (alpha / math.sqrt(q) if q > 0 else 0.0)
+        for t, d in zip(taus, delta):
+            r_t = r.to(dtype=t.dtype, device=t.device)
+            grad = torch.tensordot(r_t, t, dims=1).mul_(-2.0)
+            grad.add_(d.detach(), alpha=coef_delta)
+            d.grad = grad
+        opt.step()
+    losses.append(_full_objective(taus, delta, G, alpha)[0])
+    return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
+
+
+def _full_objective(taus, delta, G: torch.Tensor, alpha: float):
+    """L at a full-space delta, plus the disentangled inner products H and ||delta||^2."""
+    with torch.no_grad():
+        p = torch.zeros(G.shape[0], dtype=torch.float64)
+        q = 0.0
+        for t, d in zip(taus, delta):
+            flat = t.reshape(t.shape[0], -1)
+            dflat = d.reshape(-1)
+            p += (flat @ dflat).to(torch.float64).cpu()
+            q += float(dflat.to(torch.float64).square().sum())
+    H = (G - p[:, None] - p[None, :] + q).numpy()
+    L = mean_abs_offdiag(cosine_matrix(H)) + alpha * math.sqrt(max(q, 0.0))
+    return L, H, max(q, 0.0)

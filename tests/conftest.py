@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """A tiny Llama base and three correlated fine-tunes (float32)."""
+    from mergekit_awd.synthetic import make_family
+
+    return make_family(str(tmp_path_factory.mktemp("family")), n_models=3,
+                       shared=0.02, noise=0.01, seed=0)
+
+
+def recipe(base, fts, weights=None, **parameters):
+    models = []
+    for i, path in enumerate(fts):
+        entry = {"model": path}
+        if weights is not None:
+            entry["parameters"] = {"weight": weights[i]}
+        models.append(entry)
+    config = {"merge_method": "awd", "models": models, "parameters": parameters}
+    if base is not None:
+        config["base_model"] = base
+    return config
+
+
+def mergekit_yaml(config, out_dir, *options, check=True):
+    """Run the real `mergekit-yaml` CLI in a subprocess, as a user would."""
+    config_path = os.path.join(os.path.dirname(str(out_dir)), os.path.basename(str(out_dir)) + ".yml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    proc = subprocess.run(
+        [exe, config_path, str(out_dir), "--no-copy-tokenizer", *options],
+        capture_output=True, text=True, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mergekit-yaml failed:\n{proc.stderr[-4000:]}")
+    return proc
