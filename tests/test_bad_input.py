@@ -1,0 +1,127 @@
+"""Bad recipes and bad inputs: a clear message, and nothing that looks like a finished model."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import reference
+from conftest import mergekit_yaml, recipe
+
+
+def assert_failed(proc, out_dir, *needles):
+    assert proc.returncode != 0
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr[-3000:]}"
+    assert not os.path.exists(os.path.join(out_dir, "config.json"))
+
+
+@pytest.mark.parametrize(
+    "name,value,expect",
+    [
+        ("alpha", -1.0, "a finite number >= 0"),
+        ("lr", 0, "a finite number > 0"),
+        ("steps", -3, "an integer >= 0"),
+        ("steps", 2.5, "an integer >= 0"),
+        ("optimizer", "lbfgs", "one of sgd, adam"),
+        ("scope", "layer", "one of global, tensor"),
+        ("units", "meters", "one of relative, raw"),
+        ("others", "drop", "one of task_arithmetic, base"),
+        ("select", "(", "'linear', 'all' or a valid regular expression on tensor names"),
+    ],
+)
+def test_bad_parameter_fails_at_planning_naming_it(family, tmp_path, name, value, expect):
+    proc = mergekit_yaml(recipe(family["base"], family["fts"], **{name: value}),
+                         tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", f"awd parameter '{name}' must be {expect}; got {value!r}")
+    # planning time: the executor never started
+    assert "Executing graph" not in proc.stderr
+
+
+def test_bad_weight_names_it(family, tmp_path):
+    proc = mergekit_yaml(recipe(family["base"], family["fts"], weights=[1, "heavy", 1]),
+                         tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", "awd parameter 'weight' must be a finite number; got 'heavy'")
+
+
+def test_missing_base_model(family, tmp_path):
+    proc = mergekit_yaml(recipe(None, family["fts"]), tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", "awd needs base_model", "base_model: <path or hub id>")
+
+
+def test_global_solver_parameter_varying_per_tensor(family, tmp_path):
+    config = recipe(family["base"], family["fts"], steps=10)
+    config["parameters"]["alpha"] = [{"filter": "mlp", "value": 0.5}, {"value": 0.01}]
+    proc = mergekit_yaml(config, tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", "scope: global", "alpha=", "use scope: tensor")
+
+
+def copy_with(src, dst, edit):
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return str(dst)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("tensor", ["model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight"])
+def test_nan_in_an_input_names_model_and_tensor(family, tmp_path, scope, tensor):
+    def poison(state):
+        state[tensor][3, 2] = float("nan")
+
+    bad = copy_with(family["fts"][1], tmp_path / "bad_ft", poison)
+    fts = [family["fts"][0], bad, family["fts"][2]]
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=5, scope=scope), tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", f"tensor {tensor} contains NaN or Inf in model {bad}")
+
+
+def test_inf_in_base_under_others_base(family, tmp_path):
+    def poison(state):
+        state["model.norm.weight"][0] = float("inf")
+
+    bad = copy_with(family["base"], tmp_path / "bad_base", poison)
+    proc = mergekit_yaml(recipe(bad, family["fts"], steps=5, others="base"), tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", f"tensor model.norm.weight contains NaN or Inf in model {bad} (base)")
+
+
+def test_shape_mismatch_names_the_model(family, tmp_path):
+    from mergekit_awd.synthetic import make_family, tiny_llama_config
+
+    other = make_family(str(tmp_path / "other"), config=tiny_llama_config(intermediate_size=48), n_models=1)
+    fts = [family["fts"][0], other["fts"][0]]
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=5), tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out", f"has shape (48, 32) in model {other['fts'][0]} but (64, 32)")
+    # scope: tensor meets mergekit's own check first: it names the tensor and the shapes
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=5, scope="tensor"), tmp_path / "out2", check=False)
+    assert_failed(proc, tmp_path / "out2", "Tensor size mismatch for model.layers.0.mlp.", "48)")
+
+
+def test_zero_and_identical_task_vectors_merge_finite(family, tmp_path):
+    twin = shutil.copytree(family["fts"][0], tmp_path / "twin")
+    fts = [family["fts"][0], str(twin), family["base"] + "/../base_copy"]
+    shutil.copytree(family["base"], fts[2])
+    for scope in ("global", "tensor"):
+        out = tmp_path / f"out_{scope}"
+        mergekit_yaml(recipe(family["base"], fts, steps=200, scope=scope), out)
+        merged = reference.load(str(out))
+        assert all(torch.isfinite(t).all() for t in merged.values())
+        expected, base = reference.merge(family["base"], fts[:2], steps=200, scope=scope)
+        # two identical fine-tunes and a zero task vector: cos stays 1 for the twins,
+        # so delta only shrinks toward 0 through alpha; the merge stays near TA
+        name = "model.layers.0.mlp.up_proj.weight"
+        ta_delta = 2 * (reference.load(fts[0])[name].double() - base[name])
+        got_delta = merged[name].double() - base[name]
+        assert (got_delta - ta_delta).norm() < 0.5 * ta_delta.norm()
+
+
+def test_single_model_is_task_arithmetic_with_a_warning(family, tmp_path):
+    proc = mergekit_yaml(recipe(family["base"], family["fts"][:1], steps=100), tmp_path / "out")
+    assert "AWD needs two or more fine-tuned models" in proc.stderr
+    merged = reference.load(str(tmp_path / "out"))
+    expected, _ = reference.merge(family["base"], family["fts"][:1], steps=0)
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, rtol=1e-6, atol=1e-7)

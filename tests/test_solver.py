@@ -1,0 +1,112 @@
+"""The solver on plain tensors: Gram-space Algorithm 1 against naive full-space autograd."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from mergekit_awd import solver
+
+
+def task_vectors(K=4, P=3000, shared=0.8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(P, generator=g, dtype=torch.float64)
+    return torch.randn(K, P, generator=g, dtype=torch.float64) + shared * common
+
+
+def gram_space_delta(T, alpha, lr, steps, units="relative"):
+    G = solver.gram(T).numpy()
+    a, b = solver.raw_hyperparameters(alpha, lr, units=units, optimizer="sgd",
+                                      s=solver.scale_of(G), numel=T.shape[1])
+    sol = solver.sgd_gram(G, a, b, steps)
+    return torch.from_numpy(sol.w) @ T, sol
+
+
+@pytest.mark.parametrize("alpha,lr,steps", [(0.01, 0.02, 200), (0.1, 0.05, 50), (0.0, 0.01, 100)])
+def test_sgd_gram_is_algorithm_1_exactly(alpha, lr, steps):
+    T = task_vectors()
+    delta, sol = gram_space_delta(T, alpha, lr, steps)
+    naive = reference.solve_delta(T, alpha, lr, steps)
+    assert (delta - naive).norm() / naive.norm() < 1e-9
+    assert len(sol.losses) == steps + 1
+    s = math.sqrt(float((T * T).sum(1).mean()))
+    assert sol.losses[-1] == pytest.approx(float(reference.loss(T, naive, alpha / s)), rel=1e-9)
+    assert sol.losses[-1] < sol.losses[0]
+
+
+def test_raw_units_match_the_papers_hyperparameters():
+    T = task_vectors(P=500) * 0.05
+    delta, _ = gram_space_delta(T, 1e-3, 5e-3, 100, units="raw")
+    naive = reference.solve_delta(T, 1e-3, 5e-3, 100, units="raw")
+    assert (delta - naive).norm() / naive.norm() < 1e-9
+
+
+def test_relative_units_are_scale_free():
+    T = task_vectors()
+    d1, s1 = gram_space_delta(T, 0.01, 0.02, 100)
+    d2, s2 = gram_space_delta(T * 1e-3, 0.01, 0.02, 100)
+    np.testing.assert_allclose(s1.w, s2.w, rtol=1e-9)
+    np.testing.assert_allclose(s1.losses, s2.losses, rtol=1e-9)
+
+
+def test_loss_at_zero_is_mean_abs_cosine():
+    T = task_vectors(K=3)
+    G = solver.gram(T).numpy()
+    L, L_O, L_R = solver.objective_gram(G, np.zeros(3), alpha=0.5)
+    n = T.norm(dim=1)
+    C = (T @ T.T) / (n[:, None] * n[None, :])
+    assert L_O == pytest.approx(float((C.sum() - 3) / 6), rel=1e-12)
+    assert L_R == 0 and L == L_O
+
+
+def test_disentangling_lowers_mean_cosine():
+    T = task_vectors(shared=1.5)
+    G = solver.gram(T).numpy()
+    _, sol = gram_space_delta(T, 0.01, 0.02, 1000)
+    before = solver.mean_abs_offdiag(solver.cosine_matrix(G))
+    after = solver.mean_abs_offdiag(solver.cosine_matrix(solver.disentangled_inner(G, sol.w)))
+    assert before > 0.5 and after < 0.5 * before
+
+
+@pytest.mark.parametrize("case", ["identical", "zero", "all_zero", "single"])
+def test_singular_gram_gives_no_nan(case):
+    T = task_vectors(K=3)
+    if case == "identical":
+        T[1] = T[0]
+    elif case == "zero":
+        T[2] = 0
+    elif case == "all_zero":
+        T[:] = 0
+    else:
+        T = T[:1]
+    delta, sol = gram_space_delta(T, 0.01, 0.02, 200)
+    assert torch.isfinite(delta).all() and np.isfinite(sol.losses).all()
+    if case == "identical":
+        naive = reference.solve_delta(T, 0.01, 0.02, 200)
+        assert (delta - naive).norm() / naive.norm() < 1e-9
+    if case in ("all_zero", "single"):
+        assert not sol.w.any()
+
+
+def test_adam_full_is_torch_adam():
+    T = task_vectors(P=2000)
+    G = solver.gram(T).numpy()
+    s = solver.scale_of(G)
+    a, b = solver.raw_hyperparameters(0.01, 0.01, units="relative", optimizer="adam", s=s, numel=2000)
+    # split delta into two chunks, as scope: global does across tensors
+    sol = solver.adam_full([T[:, :700], T[:, 700:]], G, a, b, 60)
+    delta = torch.cat(sol.delta)
+    naive = reference.solve_delta(T, 0.01, 0.01, 60, optimizer="adam")
+    assert (delta - naive).norm() / naive.norm() < 1e-9
+    # Adam leaves span{tau}: the residual of a least-squares fit is not zero
+    w = torch.linalg.lstsq(T.T, delta[:, None]).solution
+    assert (T.T @ w[:, 0] - delta).norm() > 1e-3 * delta.norm()
+
+
+def test_gram_is_chunked_float64():
+    T = task_vectors(K=3, P=1001).float()
+    G = solver.gram(T, chunk=64)
+    assert G.dtype == torch.float64
+    torch.testing.assert_close(G, T.double() @ T.double().T, rtol=1e-12, atol=1e-9)
