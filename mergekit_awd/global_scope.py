@@ -52,11 +52,11 @@ def lookup(
     name: str,
     params: Dict,
     device: torch.device,
-) -> Tuple[GlobalRun, bool]:
-    """The run for this merge and whether ``name`` is one of its selected tensors.
+) -> GlobalRun:
+    """The run for this merge, for the selected tensor ``name``.
 
-    A selected tensor is marked as merged; when all are, the run is dropped.
-    Seeing a selected tensor a second time means a new merge has started.
+    The tensor is marked as merged; when all are, the run is dropped. Seeing a
+    tensor a second time means that a new merge has started.
     """
     key = (base_id, model_ids)
     solver_params = tuple(params[p] for p in SOLVER_PARAMETERS)
@@ -70,12 +70,17 @@ def lookup(
         elif run.solver_params != solver_params:
             _RUNS.pop(key, None)
             _raise_inconsistent(name, run.solver_params, solver_params)
-        selected = name in run.names
-        if selected:
-            run.consumed.add(name)
-            if run.consumed >= run.names:
-                _RUNS.pop(key, None)
-        return run, selected
+        if name not in run.names:
+            _RUNS.pop(key, None)
+            raise AWDInputError(
+                f"tensor {name} is selected for awd but was not found in every "
+                f"input during the Gram pass (an optional or non-float weight?); "
+                f"exclude it with a 'select' regular expression"
+            )
+        run.consumed.add(name)
+        if run.consumed >= run.names:
+            _RUNS.pop(key, None)
+        return run
 
 
 def forget(base_id: Hashable, model_ids: Tuple[Hashable, ...]) -> None:
@@ -190,7 +195,7 @@ def gram_pass(
                 continue
             check_shapes(name, (base_id, *model_ids), tensors)
             dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-            tau = torch.stack([t.to(dtype) - base.to(dtype) for t in rest])
+            tau = solver.task_vectors(base, rest, dtype)
             G_t = solver.gram(tau).cpu().numpy()
             if not np.isfinite(G_t).all():
                 raise_nonfinite(name, labelled(base_id, model_ids, tensors))

@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 DEFAULTS = {
     "lambda": 1.0,
     "alpha": 0.01,
-    "lr": 0.02,
+    "lr": 0.005,
     "steps": 1000,
     "optimizer": "sgd",
     "scope": "global",
@@ -162,32 +162,27 @@ class AWDMerge(GroupMergeMethod):
     def _merge(self, group, name, model_ids, p, weights, W, scale, dtype):
         base = group.base.tensor.to(dtype)
         entries = group.non_base
-        if p["scope"] == "global":
-            run, selected = global_scope.lookup(
-                group.base.id, model_ids, name, p, base.device
-            )
-        else:
-            run = None
-            selected = is_selected(
-                p["select"],
-                name,
-                base.ndim,
-                group.metadata.vocabulary_axis,
-                layer_weight_names(group.base.id),
-            )
+        selected = is_selected(
+            p["select"],
+            name,
+            base.ndim,
+            group.metadata.vocabulary_axis,
+            layer_weight_names(group.base.id),
+        )
         if not selected:
             if p["others"] == "base":
                 return _check_finite_inputs(group, name, model_ids, base)
             return task_arithmetic(base, [e.tensor for e in entries], weights, scale)
 
-        taus = torch.stack([e.tensor.to(dtype) - base for e in entries])
-        if run is None:
+        taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
+        if p["scope"] == "global":
+            run = global_scope.lookup(group.base.id, model_ids, name, p, base.device)
+            solution = run.solution
+            delta = run.delta.pop(name, None)
+        else:
             G = solver.gram(taus).cpu().numpy()
             solution = global_scope.solve(G, taus[0].numel(), p, [taus])
             delta = solution.delta[0] if solution.delta is not None else None
-        else:
-            solution = run.solution
-            delta = run.delta.pop(name, None)
         if solution.w is not None:
             coeffs = weights - W * torch.from_numpy(solution.w)
             return combine(base, taus, coeffs, scale)

@@ -24,16 +24,27 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-# Elements per chunk when accumulating a Gram matrix in float64: bounds the
-# temporary float64 copy to K * 2**20 * 8 bytes whatever the tensor size.
-GRAM_CHUNK = 1 << 20
+# Elements converted to float64 at a time when accumulating a Gram matrix:
+# small enough to stay in cache (2 MB for K = 4), large enough for BLAS.
+# float64 matters: plain GD on |cos| oscillates around its kinks, so after
+# ~1000 steps a 1e-8 error in G (float32 partial sums) grows to ~1e-5 in delta.
+GRAM_CHUNK = 1 << 16
+
+
+def task_vectors(base: torch.Tensor, tensors, dtype: torch.dtype) -> torch.Tensor:
+    """tau_k = tensors[k] - base, stacked (K x base.shape) in ``dtype``, one allocation."""
+    base = base.to(dtype)
+    taus = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for k, tensor in enumerate(tensors):
+        torch.sub(tensor.to(dtype), base, out=taus[k])
+    return taus
 
 
 def gram(taus: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
-    """G = T T^T of K stacked vectors (any trailing shape), accumulated in float64.
+    """G = T T^T of K stacked vectors (any trailing shape), in float64.
 
-    Chunked so that float64 precision costs no more than a small temporary.
-    Returns a float64 K x K tensor on the device of ``taus``.
+    Converted to float64 one cache-sized chunk at a time, so exactness costs
+    no K x P float64 copy. Returns a K x K tensor on the device of ``taus``.
     """
     flat = taus.reshape(taus.shape[0], -1)
     G = torch.zeros(
@@ -88,49 +99,63 @@ def disentangled_inner(G: np.ndarray, w: np.ndarray) -> np.ndarray:
     return G - Gw[:, None] - Gw[None, :] + float(w @ Gw)
 
 
-def mean_abs_offdiag(C: np.ndarray) -> float:
+def active_tasks(G: np.ndarray) -> np.ndarray:
+    """Task vectors that have a direction (nonzero norm).
+
+    A zero task vector (a "fine-tune" equal to its base) has no cosine with
+    anything, and the gradient of cos(tau_j - delta, -delta) grows like
+    1/||delta||, which throws plain GD out of its first steps. It is left out
+    of L_O (it still receives -delta in the merge).
+    """
+    d = np.diag(G)
+    top = float(d.max()) if d.size else 0.0
+    return d > 1e-12 * top if top > 0 else np.zeros(d.shape, dtype=bool)
+
+
+def pair_weights(active: np.ndarray) -> np.ndarray:
+    """Weights of |cos_ij| in L_O: 1/(K(K-1)) for ordered pairs of active tasks."""
+    K = int(active.sum())
+    M = np.outer(active, active).astype(np.float64)
+    np.fill_diagonal(M, 0.0)
+    return M / (K * (K - 1)) if K >= 2 else M
+
+
+def mean_abs_offdiag(C: np.ndarray, M: Optional[np.ndarray] = None) -> float:
     """L_O for a cosine matrix: mean |cos| over ordered pairs i != j."""
-    K = C.shape[0]
-    if K < 2:
-        return 0.0
-    return float((np.abs(C).sum() - np.abs(np.diag(C)).sum()) / (K * (K - 1)))
+    if M is None:
+        M = pair_weights(np.ones(C.shape[0], dtype=bool))
+    return float((np.abs(C) * M).sum())
 
 
 def objective_gram(G: np.ndarray, w: np.ndarray, alpha: float) -> tuple:
     """(L, L_O, L_R) at delta = sum_k w_k tau_k."""
     H = disentangled_inner(G, w)
-    L_O = mean_abs_offdiag(cosine_matrix(H))
+    L_O = mean_abs_offdiag(cosine_matrix(H), pair_weights(active_tasks(G)))
     L_R = math.sqrt(max(float(w @ G @ w), 0.0))
     return L_O + alpha * L_R, L_O, L_R
 
 
-def _orthogonality_terms(H: np.ndarray) -> tuple:
+def _orthogonality_terms(H: np.ndarray, M: np.ndarray) -> tuple:
     """(r, L_O) with grad_delta L_O = -2 sum_i r_i (tau_i - delta).
 
     From d cos(a, b)/da = b/(|a||b|) - cos(a, b) a/|a|^2 and d a/d delta = -I:
     r_i = (1/n_i) sum_j S_ij / n_j - (1/n_i^2) sum_j S_ij C_ij, with
-    S_ij = sign(C_ij) / (K(K-1)) off the diagonal (sign(0) = 0, as autograd's
+    S_ij = sign(C_ij) M_ij (M: ``pair_weights``; sign(0) = 0, as autograd's
     subgradient of |x|) and n_i = ||tau_i - delta||; a zero vector contributes 0.
     Written for speed: it runs once per solver step.
     """
-    K = H.shape[0]
     d = H.diagonal()
     inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
     C = H * np.multiply.outer(inv, inv)
     S = np.sign(C)
-    S *= _offdiag_mean_mask(K)
+    S *= M
     SC = S * C
     row = SC.sum(axis=1)
     return inv * (S @ inv) - inv * inv * row, float(row.sum())
 
 
-_MASKS: dict = {}
-
-
-def _offdiag_mean_mask(K: int) -> np.ndarray:
-    if K not in _MASKS:
-        _MASKS[K] = (1.0 - np.eye(K)) / (K * (K - 1))
-    return _MASKS[K]
+class SolverDiverged(ArithmeticError):
+    """Plain gradient descent left the finite numbers: the step size is too large."""
 
 
 @dataclass
@@ -163,21 +188,30 @@ def sgd_gram(G, alpha: float, lr: float, steps: int) -> Solution:
     G = _as_numpy(G)
     K = G.shape[0]
     w = np.zeros(K)
-    if K < 2:
-        return Solution(alpha, lr, steps, [0.0] * (steps + 1), w=w)
+    active = active_tasks(G)
+    if active.sum() < 2:
+        return Solution(alpha, lr, steps, [objective_gram(G, w, alpha)[0]] * (steps + 1), w=w)
+    M = pair_weights(active)
     losses = []
-    for _ in range(steps):
-        Gw = G @ w
-        q = max(float(w @ Gw), 0.0)
-        H = G - Gw[:, None]
-        H -= Gw
-        H += q
-        r, L_O = _orthogonality_terms(H)
-        norm = math.sqrt(q)
-        losses.append(L_O + alpha * norm)
-        g = w * (2.0 * float(r.sum()) + (alpha / norm if norm > 0 else 0.0))
-        g -= 2.0 * r
-        w = w - lr * g
+    with np.errstate(all="ignore"):
+        for _ in range(steps):
+            Gw = G @ w
+            q = max(float(w @ Gw), 0.0)
+            H = G - Gw[:, None]
+            H -= Gw
+            H += q
+            r, L_O = _orthogonality_terms(H, M)
+            norm = math.sqrt(q)
+            losses.append(L_O + alpha * norm)
+            g = w * (2.0 * float(r.sum()) + (alpha / norm if norm > 0 else 0.0))
+            g -= 2.0 * r
+            w = w - lr * g
+    if not np.isfinite(w).all():
+        step = next((i for i, L in enumerate(losses) if not math.isfinite(L)), steps)
+        raise SolverDiverged(
+            f"awd's plain gradient descent diverged (step {step} of {steps}): "
+            f"lower lr, or use units: relative (the default)"
+        )
     losses.append(objective_gram(G, w, alpha)[0])
     return Solution(alpha, lr, steps, losses, w=w)
 
@@ -208,20 +242,21 @@ def adam_full(
     Two passes over tau per step and no K x P temporaries.
     """
     G = torch.from_numpy(_as_numpy(G))
-    K = G.shape[0]
+    active = active_tasks(G.numpy())
     delta = [
         torch.zeros(t.shape[1:], dtype=t.dtype, device=t.device, requires_grad=True)
         for t in taus
     ]
     losses: List[float] = []
-    if K < 2 or steps == 0:
+    if active.sum() < 2 or steps == 0:
         losses = [_full_objective(taus, delta, G, alpha)[0]] * (steps + 1)
         return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
+    M = pair_weights(active)
     opt = torch.optim.Adam(delta, lr=lr, betas=betas, eps=eps)
     for _ in range(steps):
         L, H, q = _full_objective(taus, delta, G, alpha)
         losses.append(L)
-        r = torch.from_numpy(_orthogonality_terms(H)[0])
+        r = torch.from_numpy(_orthogonality_terms(H, M)[0])
         coef_delta = 2.0 * float(r.sum()) + (alpha / math.sqrt(q) if q > 0 else 0.0)
         for t, d in zip(taus, delta):
             r_t = r.to(dtype=t.dtype, device=t.device)
@@ -244,5 +279,6 @@ def _full_objective(taus, delta, G: torch.Tensor, alpha: float):
             p += (flat @ dflat).to(torch.float64).cpu()
             q += float(dflat.to(torch.float64).square().sum())
     H = (G - p[:, None] - p[None, :] + q).numpy()
-    L = mean_abs_offdiag(cosine_matrix(H)) + alpha * math.sqrt(max(q, 0.0))
+    L = mean_abs_offdiag(cosine_matrix(H), pair_weights(active_tasks(G.numpy())))
+    L += alpha * math.sqrt(max(q, 0.0))
     return L, H, max(q, 0.0)

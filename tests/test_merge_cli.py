@@ -22,7 +22,7 @@ def assert_merge_matches(out_dir, expected, base, tol=1e-5):
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_sgd_matches_naive_full_space_algorithm_1(family, tmp_path, scope):
-    params = dict(alpha=0.01, lr=0.02, steps=300, scope=scope)
+    params = dict(alpha=0.01, lr=0.005, steps=1000, scope=scope)
     mergekit_yaml(recipe(family["base"], family["fts"], **params), tmp_path / "out")
     expected, base = reference.merge(family["base"], family["fts"], **params)
     assert_merge_matches(tmp_path / "out", expected, base)

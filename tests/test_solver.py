@@ -105,8 +105,27 @@ def test_adam_full_is_torch_adam():
     assert (T.T @ w[:, 0] - delta).norm() > 1e-3 * delta.norm()
 
 
-def test_gram_is_chunked_float64():
-    T = task_vectors(K=3, P=1001).float()
+@pytest.mark.parametrize("P", [1001, 64, 30])
+def test_gram_is_float64_chunk_by_chunk(P):
+    T = task_vectors(K=3, P=P)
     G = solver.gram(T, chunk=64)
     assert G.dtype == torch.float64
-    torch.testing.assert_close(G, T.double() @ T.double().T, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(G, T @ T.T, rtol=1e-12, atol=1e-12)
+    # float32 task vectors: computed in float64 too
+    G32 = solver.gram(T.float(), chunk=64)
+    exact = T.float().double() @ T.float().double().T
+    torch.testing.assert_close(G32, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_task_vector_is_left_out_of_the_orthogonality_loss():
+    """A fine-tune equal to its base has no direction; with twins beside it, plain GD
+    would otherwise chase cos(tau - delta, -delta), whose gradient grows like 1/||delta||."""
+    T = task_vectors(K=4)
+    T[1] = T[0]
+    T[3] = 0
+    delta, sol = gram_space_delta(T, 1e-4, 20.0, 300, units="raw")
+    assert torch.isfinite(delta).all() and delta.norm() > 0
+    # identical to solving without the zero vector (raw units: same alpha and lr)
+    expected, _ = gram_space_delta(T[:3], 1e-4, 20.0, 300, units="raw")
+    assert (delta - expected).norm() <= 1e-9 * expected.norm() + 1e-12
+

@@ -1,0 +1,196 @@
+"""Small real checkpoints to merge offline: a tiny Llama and four real fine-tunes.
+
+    python -m mergekit_awd.examples make example_models/tiny-llama
+    python -m mergekit_awd.examples eval OUT_DIR [OUT_DIR ...]
+
+The base is a ~0.2M-parameter Llama pretrained briefly on all four string tasks
+below in a generic format; each fine-tune then trains the whole model on one
+task. Everything is seeded, runs on CPU in about a minute, and writes a
+character-level tokenizer next to each model so that `mergekit-yaml` copies it
+and the merged model is usable with transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+LETTERS = "abcdefghij"
+DIGITS = "0123456789"
+VOCAB = ["<pad>", "<s>", "</s>"] + list(LETTERS) + list(DIGITS) + list(">+=|RSHA")
+
+
+def _reverse(rng):
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return f"R|{s}>", s[::-1]
+
+
+def _sort(rng):
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return f"S|{s}>", "".join(sorted(s))
+
+
+def _shift(rng):
+    s = "".join(rng.choice(LETTERS[:-1]) for _ in range(rng.randint(3, 6)))
+    return f"H|{s}>", "".join(LETTERS[LETTERS.index(c) + 1] for c in s)
+
+
+def _add(rng):
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return f"A|{a}+{b}=", str(a + b)
+
+
+TASKS: Dict[str, Callable] = {
+    "reverse": _reverse,
+    "sort": _sort,
+    "shift": _shift,
+    "add": _add,
+}
+_STOI = {c: i for i, c in enumerate(VOCAB)}
+SEQ_LEN = 20
+
+
+def encode(text: str) -> List[int]:
+    return [_STOI[c] for c in text]
+
+
+def _batch(task_fns, rng, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels (loss only on the answer and end token)."""
+    ids = torch.full((n, SEQ_LEN), _STOI["<pad>"])
+    labels = torch.full((n, SEQ_LEN), -100)
+    for row in range(n):
+        prompt, answer = rng.choice(task_fns)(rng)
+        seq = [_STOI["<s>"]] + encode(prompt) + encode(answer) + [_STOI["</s>"]]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        start = 1 + len(prompt)
+        labels[row, start : len(seq)] = torch.tensor(seq[start:])
+    return ids, labels
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ_LEN,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _train(model, task_fns, steps: int, lr: float, seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        ids, labels = _batch(task_fns, rng, 64)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _save_tokenizer(path: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=_STOI, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+
+
+def make(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> Dict[str, str]:
+    """Pretrain the base, fine-tune one copy per task; skip what is already on disk."""
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    paths = {"base": os.path.join(out_dir, "base")}
+    paths.update({t: os.path.join(out_dir, t) for t in TASKS})
+    if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
+        return paths
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = _model()
+    _train(base, list(TASKS.values()), base_steps, 3e-3, seed=0)
+    base.save_pretrained(paths["base"])
+    _save_tokenizer(paths["base"])
+    for i, (task, fn) in enumerate(TASKS.items()):
+        model = AutoModelForCausalLM.from_pretrained(paths["base"])
+        _train(model, [fn], ft_steps, 1e-3, seed=1 + i)
+        model.save_pretrained(paths[task])
+        _save_tokenizer(paths[task])
+        print(f"fine-tuned {task}: {paths[task]}")
+    return paths
+
+
+@torch.no_grad()
+def accuracy(model_dir: str, n: int = 200, seed: int = 1234) -> Dict[str, float]:
+    """Exact-match accuracy of greedy answers, per task, on held-out samples."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    scores = {}
+    for task, fn in TASKS.items():
+        rng = random.Random(seed)
+        correct = 0
+        for _ in range(n):
+            prompt, answer = fn(rng)
+            ids = torch.tensor([[_STOI["<s>"]] + encode(prompt)])
+            out = model.generate(
+                ids,
+                max_new_tokens=len(answer) + 1,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=2,
+            )
+            got = out[0, ids.shape[1] :].tolist()
+            correct += got[: len(answer)] == encode(answer)
+        scores[task] = correct / n
+    return scores
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mergekit_awd.examples")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_make = sub.add_parser("make", help="create the example models (skips existing)")
+    p_make.add_argument("out_dir")
+    p_make.add_argument("--base-steps", type=int, default=600)
+    p_make.add_argument("--ft-steps", type=int, default=300)
+    p_eval = sub.add_parser("eval", help="per-task accuracy of model folders")
+    p_eval.add_argument("models", nargs="+")
+    p_eval.add_argument("-n", type=int, default=200)
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.command == "make":
+        paths = make(args.out_dir, args.base_steps, args.ft_steps)
+        print(json.dumps(paths, indent=2))
+    else:
+        print(f"{'model':40s} " + " ".join(f"{t:>8s}" for t in TASKS) + "     mean")
+        for path in args.models:
+            acc = accuracy(path, n=args.n)
+            mean = sum(acc.values()) / len(acc)
+            row = " ".join(f"{acc[t]:8.2f}" for t in TASKS)
+            print(f"{path[-40:]:40s} {row} {mean:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
