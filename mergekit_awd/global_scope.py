@@ -19,7 +19,7 @@ from typing import Dict, Hashable, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import solver
+from mergekit_awd import merge_log, solver
 from mergekit_awd.params import AWDInputError, AWDParameterError
 from mergekit_awd.selection import is_selected, layer_weight_names, output_weights
 
@@ -105,7 +105,7 @@ def _raise_inconsistent(name: str, first: Tuple, now: Tuple) -> None:
 
 def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
     """The Gram pass over the selected tensors and the solve."""
-    names, G, numel, taus = gram_pass(
+    names, G, numel, taus, _ = gram_pass(
         base_id,
         model_ids,
         params["select"],
@@ -118,13 +118,30 @@ def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
     if run.solution.delta is not None:
         run.delta = dict(zip(taus.keys(), run.solution.delta))
     L = run.solution.losses
+    M = solver.pair_weights(solver.active_tasks(G))
+    H = disentangled(G, run.solution, list(taus.values()))
     LOG.info(
-        "awd (scope: global): %d tensors, %d parameters, loss %.4g -> %.4g",
+        "awd (scope: global): %d tensors, %d parameters; loss %.4g -> %.4g; "
+        "mean |cos| %.4f -> %.4f",
         len(names),
         numel,
         L[0],
         L[-1],
+        solver.mean_abs_offdiag(solver.cosine_matrix(G), M),
+        solver.mean_abs_offdiag(solver.cosine_matrix(H), M),
     )
+    if names:
+        merge_log.record(
+            base_id,
+            model_ids,
+            names,
+            [params["weight"][m] for m in model_ids],
+            params,
+            G,
+            H,
+            run.solution,
+            numel,
+        )
     return run
 
 
@@ -143,6 +160,13 @@ def solve(G: np.ndarray, numel: int, params: Dict, taus: List[torch.Tensor]):
     return solver.adam_full(taus, G, alpha, lr, params["steps"])
 
 
+def disentangled(G, solution, taus) -> np.ndarray:
+    """Inner products of the disentangled vectors, whichever optimizer ran."""
+    if solution.w is not None:
+        return solver.disentangled_inner(G, solution.w)
+    return solver.full_inner(taus, solution.delta, G)
+
+
 def gram_pass(
     base_id,
     model_ids,
@@ -154,8 +178,9 @@ def gram_pass(
 ):
     """Stream the selected tensors of base and models once; accumulate G (float64).
 
-    Returns the selected names, G, the number of parameters in the scope and,
-    with ``keep_taus`` (Adam), the task vectors themselves, within ``max_gb``.
+    Returns the selected names, G, the number of parameters in the scope,
+    with ``keep_taus`` (Adam) the task vectors themselves (within ``max_gb``),
+    and each tensor's own Gram matrix and size.
     """
     from mergekit.io.tasks import LoaderCache
 
@@ -166,6 +191,7 @@ def gram_pass(
     G = np.zeros((K, K))
     names: List[str] = []
     taus: Dict[str, torch.Tensor] = {}
+    per_tensor: Dict[str, Tuple[np.ndarray, int]] = {}
     numel = 0
     candidates = [
         w
@@ -201,6 +227,7 @@ def gram_pass(
                 raise_nonfinite(name, labelled(base_id, model_ids, tensors))
             del tensors, base, rest
             G += G_t
+            per_tensor[name] = (G_t, tau[0].numel())
             numel += tau[0].numel()
             names.append(name)
             if keep_taus:
@@ -214,15 +241,15 @@ def gram_pass(
                         f"Algorithm 1, no such memory), scope: tensor, or raise "
                         f"adam_max_gb."
                     )
-    return names, G, numel, taus
+    return names, G, numel, taus, per_tensor
 
 
 def _progress(items):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with mergekit
-        return items
-    return tqdm(items, desc="awd Gram pass", disable=None, leave=False)
+    from tqdm import tqdm
+
+    from mergekit_awd.cli_context import quiet
+
+    return tqdm(items, desc="awd Gram pass", disable=True if quiet() else None, leave=False)
 
 
 def check_shapes(name: str, model_ids, tensors) -> None:

@@ -24,7 +24,9 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from mergekit_awd import global_scope, params, solver
+from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
+from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+from mergekit_awd import global_scope, merge_log, params, solver
 from mergekit_awd.global_scope import check_shapes, labelled, raise_nonfinite
 from mergekit_awd.selection import is_selected, layer_weight_names
 
@@ -75,12 +77,45 @@ _DESCRIPTIONS = {
 
 
 class AWDMerge(GroupMergeMethod):
-    """Adaptive Weight Disentanglement (Xiong et al., arXiv 2411.18729)."""
+    """Adaptive Weight Disentanglement (Xiong et al., arXiv 2411.18729).
 
-    def __init__(self, name: str = "awd"):
+    With ``sparsification`` set, the disentangled vectors tau_i - delta go
+    through mergekit's own sparsification and TIES sign consensus instead of
+    plain task arithmetic (`awd_ties`, `awd_dare_ties`; the paper notes that
+    AWD composes with such methods).
+    """
+
+    def __init__(
+        self,
+        name: str = "awd",
+        *,
+        pretty_name: str = "Adaptive Weight Disentanglement",
+        sparsification: Optional[SparsificationMethod] = None,
+        default_normalize: bool = False,
+        default_rescale: bool = False,
+    ):
+        self.sparsification = sparsification
+        defaults = dict(DEFAULTS, normalize=default_normalize)
+        extra = ()
+        if sparsification is not None:
+            extra = (
+                ParameterSpec(
+                    "density",
+                    params.Density,
+                    ParameterScope.NON_BASE,
+                    default=1.0,
+                    description="fraction of each disentangled vector kept",
+                ),
+                ParameterSpec(
+                    "rescale", params.Rescale, ParameterScope.SHARED, default=default_rescale
+                ),
+                ParameterSpec(
+                    "int8_mask", params.Int8Mask, ParameterScope.SHARED, default=False
+                ),
+            )
         self.spec = MergeMethodSpec(
             name=name,
-            pretty_name="Adaptive Weight Disentanglement",
+            pretty_name=pretty_name,
             reference_url="https://arxiv.org/abs/2411.18729",
             parameters=(
                 ParameterSpec(
@@ -98,8 +133,9 @@ class AWDMerge(GroupMergeMethod):
                         default=value,
                         description=_DESCRIPTIONS[key],
                     )
-                    for key, value in DEFAULTS.items()
+                    for key, value in defaults.items()
                 ),
+                *extra,
             ),
             contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
         )
@@ -117,9 +153,9 @@ class AWDMerge(GroupMergeMethod):
         except ValueError as error:
             if base_id is None or base_id not in input_ids:
                 raise ValueError(
-                    f"{error}. awd needs base_model: the pretrained model the "
-                    f"fine-tunes started from (task vectors are fine-tune minus "
-                    f"base). Add 'base_model: <path or hub id>' to the recipe."
+                    f"{error}. {self.spec.name} needs base_model: the pretrained "
+                    f"model the fine-tunes started from (task vectors are fine-tune "
+                    f"minus base). Add 'base_model: <path or hub id>' to the recipe."
                 ) from error
             raise
 
@@ -130,7 +166,8 @@ class AWDMerge(GroupMergeMethod):
             return base
         name = group.metadata.name or "<unnamed>"
         model_ids = tuple(e.id for e in entries)
-        check_shapes(name, (group.base.id, *model_ids), [base, *(e.tensor for e in entries)])
+        tensors = [base, *(e.tensor for e in entries)]
+        check_shapes(name, (group.base.id, *model_ids), tensors)
         if len(entries) == 1 and not self._warned_single:
             self._warned_single = True
             LOG.warning(
@@ -138,30 +175,21 @@ class AWDMerge(GroupMergeMethod):
                 "nothing to disentangle (delta = 0), so this is task arithmetic. "
                 "AWD needs two or more fine-tuned models."
             )
-        weights = torch.tensor(
-            [p["weight"][e.id] for e in entries], dtype=torch.float64
-        )
-        W = float(weights.sum())
-        scale = p["lambda"]
-        if p["normalize"]:
-            scale /= W if abs(W) >= 1e-8 else 1.0
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         try:
-            result = self._merge(group, name, model_ids, p, weights, W, scale, dtype)
+            result = self._merge(group, name, model_ids, p, dtype)
         except Exception:
             if p["scope"] == "global":
                 global_scope.forget(group.base.id, model_ids)
             raise
         if not torch.isfinite(result).all():
-            raise_nonfinite(
-                name,
-                labelled(group.base.id, model_ids, [base, *(e.tensor for e in entries)]),
-            )
+            raise_nonfinite(name, labelled(group.base.id, model_ids, tensors))
         return result.to(base.dtype)
 
-    def _merge(self, group, name, model_ids, p, weights, W, scale, dtype):
+    def _merge(self, group, name, model_ids, p, dtype):
         base = group.base.tensor.to(dtype)
         entries = group.non_base
+        weights = torch.tensor([p["weight"][e.id] for e in entries], dtype=torch.float64)
         selected = is_selected(
             p["select"],
             name,
@@ -169,12 +197,14 @@ class AWDMerge(GroupMergeMethod):
             group.metadata.vocabulary_axis,
             layer_weight_names(group.base.id),
         )
-        if not selected:
-            if p["others"] == "base":
-                return _check_finite_inputs(group, name, model_ids, base)
-            return task_arithmetic(base, [e.tensor for e in entries], weights, scale)
+        if not selected and p["others"] == "base":
+            return _check_finite_inputs(group, name, model_ids, base)
+        if not selected and self.sparsification is None:
+            return task_arithmetic(base, [e.tensor for e in entries], weights, _scale(p, weights))
 
         taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
+        if not selected:
+            return self._ties(base, taus, entries, weights, p)
         if p["scope"] == "global":
             run = global_scope.lookup(group.base.id, model_ids, name, p, base.device)
             solution = run.solution
@@ -183,6 +213,21 @@ class AWDMerge(GroupMergeMethod):
             G = solver.gram(taus).cpu().numpy()
             solution = global_scope.solve(G, taus[0].numel(), p, [taus])
             delta = solution.delta[0] if solution.delta is not None else None
+            merge_log.record(
+                group.base.id,
+                model_ids,
+                [name],
+                weights.tolist(),
+                p,
+                G,
+                global_scope.disentangled(G, solution, [taus]),
+                solution,
+                taus[0].numel(),
+            )
+        if self.sparsification is not None:
+            return self._ties(base, disentangle(taus, solution.w, delta), entries, weights, p)
+        scale = _scale(p, weights)
+        W = float(weights.sum())
         if solution.w is not None:
             coeffs = weights - W * torch.from_numpy(solution.w)
             return combine(base, taus, coeffs, scale)
@@ -190,6 +235,48 @@ class AWDMerge(GroupMergeMethod):
         if delta is not None:
             merged.sub_(delta.to(merged.device, merged.dtype), alpha=scale * W)
         return merged
+
+    def _ties(self, base, deltas, entries, weights, p) -> torch.Tensor:
+        """mergekit's sparsification and sign consensus on (disentangled) task vectors."""
+        rescale = RescaleNorm.l1 if p["rescale"] else None
+        for k, entry in enumerate(entries):
+            deltas[k] = sparsify(
+                deltas[k],
+                density=p["density"][entry.id],
+                method=self.sparsification,
+                rescale_norm=rescale,
+            )
+        w = weights.to(dtype=deltas.dtype, device=deltas.device)
+        w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
+        deltas.mul_(w)
+        mask = get_mask(
+            deltas,
+            method=ConsensusMethod.sum,
+            mask_dtype=torch.int8 if p["int8_mask"] else deltas.dtype,
+        )
+        mixed = (deltas * mask).sum(dim=0)
+        if p["normalize"]:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+        return base + mixed * p["lambda"]
+
+
+def _scale(p, weights) -> float:
+    """lambda, divided by the sum of weights under `normalize` (as task_arithmetic)."""
+    W = float(weights.sum())
+    if p["normalize"]:
+        return p["lambda"] / (W if abs(W) >= 1e-8 else 1.0)
+    return p["lambda"]
+
+
+def disentangle(taus, w, delta) -> torch.Tensor:
+    """tau_k - delta for all k, in place; delta = sum_k w_k tau_k under sgd."""
+    if w is not None:
+        delta = torch.tensordot(torch.from_numpy(w).to(taus.device, taus.dtype), taus, dims=1)
+    if delta is not None:
+        taus.sub_(delta.to(taus.device, taus.dtype))
+    return taus
 
 
 def combine(base, taus, coeffs, scale: float) -> torch.Tensor:

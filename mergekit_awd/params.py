@@ -91,3 +91,8 @@ Normalize = _checked("normalize", bool, "true or false")
 AdamMaxGB = _checked(
     "adam_max_gb", float, "a finite number of GB > 0", lambda v: _finite(v) and v > 0
 )
+Density = _checked(
+    "density", float, "a number in (0, 1]", lambda v: _finite(v) and 0 < v <= 1
+)
+Rescale = _checked("rescale", bool, "true or false")
+Int8Mask = _checked("int8_mask", bool, "true or false")

@@ -268,6 +268,18 @@ def adam_full(
     return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
 
 
+def delta_norm_sq(G, solution: "Solution") -> float:
+    """||delta||^2 of a solution, from G (sgd) or from the full-space delta (adam)."""
+    if solution.w is not None:
+        return max(float(solution.w @ _as_numpy(G) @ solution.w), 0.0)
+    return sum(float(d.double().square().sum()) for d in solution.delta or ())
+
+
+def full_inner(taus: Sequence[torch.Tensor], delta: Sequence[torch.Tensor], G) -> np.ndarray:
+    """<tau_i - delta, tau_j - delta> for a full-space delta (Adam's)."""
+    return _full_objective(taus, delta, torch.from_numpy(_as_numpy(G)), 0.0)[1]
+
+
 def _full_objective(taus, delta, G: torch.Tensor, alpha: float):
     """L at a full-space delta, plus the disentangled inner products H and ||delta||^2."""
     with torch.no_grad():

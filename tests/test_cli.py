@@ -1,0 +1,141 @@
+"""`mergekit-awd report | sweep | merge`, and the report every awd merge leaves behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import reference
+from conftest import mergekit_yaml, recipe
+
+
+def cli(*args, check=True):
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-awd")
+    proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def write_recipe(tmp_path, config, name="r.yml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_report(path, K):
+    from mergekit_awd import solver
+
+    with open(path) as f:
+        rep = json.load(f)
+    for key in ("models", "weights", "parameters", "task_vector_norms", "cosine_before",
+                "cosine_after", "mean_abs_cosine_before", "mean_abs_cosine_after",
+                "delta_norm", "delta_norm_relative", "coefficients", "loss", "schema_version"):
+        assert key in rep, key
+    assert np.array(rep["cosine_before"]).shape == (K, K)
+    assert np.array(rep["cosine_after"]).shape == (K, K)
+    assert np.allclose(np.diag(rep["cosine_before"]), 1.0)
+    assert rep["mean_abs_cosine_after"] < rep["mean_abs_cosine_before"]
+    assert len(rep["loss"]) == rep["parameters"]["steps"] + 1
+    if rep["w"] is not None:
+        W = sum(rep["weights"])
+        assert np.allclose(rep["coefficients"], np.array(rep["weights"]) - W * np.array(rep["w"]))
+    return rep
+
+
+def check_png(path):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_writes_json_and_pictures_and_no_model(family, tmp_path):
+    path = write_recipe(tmp_path, recipe(family["base"], family["fts"], weights=[1, 0.5, 1], steps=300))
+    proc = cli("report", path, "--out", tmp_path / "rep")
+    assert "mean |cos|" in proc.stdout
+    rep = check_report(tmp_path / "rep" / "awd_report.json", 3)
+    check_png(tmp_path / "rep" / "awd_cosine.png")
+    check_png(tmp_path / "rep" / "awd_loss.png")
+    assert sorted(os.listdir(tmp_path / "rep")) == ["awd_cosine.png", "awd_loss.png", "awd_report.json"]
+    # the same numbers as the naive solver over the same tensors
+    base = reference.load(family["base"])
+    fts = [reference.load(p) for p in family["fts"]]
+    names = [k for k in base if reference.paper_selected(k, base[k])]
+    T = torch.stack([torch.cat([(ft[k] - base[k]).double().reshape(-1) for k in names]) for ft in fts])
+    delta = reference.solve_delta(T, 0.01, 0.005, 300)
+    s = float((T * T).sum(1).mean().sqrt())
+    assert rep["delta_norm_relative"] == pytest.approx(float(delta.norm()) / s, rel=1e-6)
+    n = T.norm(dim=1)
+    C = (T @ T.T) / (n[:, None] * n[None, :])
+    np.testing.assert_allclose(rep["cosine_before"], C.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_report_tensor_scope_and_bad_recipe(family, tmp_path):
+    path = write_recipe(tmp_path, recipe(family["base"], family["fts"], steps=100, scope="tensor"))
+    cli("report", path, "--out", tmp_path / "rep")
+    rep = check_report(tmp_path / "rep" / "awd_report.json", 3)
+    assert rep["scope_tensors"] == 14 and rep["coefficients"] is None
+    bad = recipe(family["base"], family["fts"])
+    bad["merge_method"] = "ties"
+    proc = cli("report", write_recipe(tmp_path, bad, "bad.yml"), check=False)
+    assert proc.returncode != 0 and "'ties' is not an AWD method" in proc.stderr
+
+
+def test_sweep_table_and_merges(family, tmp_path):
+    path = write_recipe(tmp_path, recipe(family["base"], family["fts"], steps=200))
+    proc = cli("sweep", path, "--alpha", "0.001,0.5", "--lambda", "0.5,1",
+               "--merge-to", tmp_path / "sweep", "--no-copy-tokenizer")
+    rows = [line for line in proc.stdout.splitlines() if line.strip() and line.split()[0][0].isdigit()]
+    assert len(rows) == 4
+    # a larger alpha keeps delta smaller
+    small, large = float(rows[0].split()[3]), float(rows[2].split()[3])
+    assert large < small
+    out = tmp_path / "sweep" / "alpha0.5_lambda1"
+    assert sorted(os.listdir(tmp_path / "sweep")) == [
+        "alpha0.001_lambda0.5", "alpha0.001_lambda1", "alpha0.5_lambda0.5", "alpha0.5_lambda1"]
+    assert (out / "config.json").exists() and (out / "awd_report.json").exists()
+    expected, base = reference.merge(family["base"], family["fts"], alpha=0.5, steps=200)
+    merged = reference.load(str(out))
+    for name, ref in expected.items():
+        err = (merged[name].double() - ref).norm() / (ref - base[name]).norm()
+        assert err < 1e-5, name
+
+
+def test_every_awd_merge_leaves_report_and_card_section(family, tmp_path):
+    config = recipe(family["base"], family["fts"], steps=100)
+    for how in ("mergekit-yaml", "mergekit-awd merge"):
+        out = tmp_path / how.replace(" ", "_")
+        if how == "mergekit-yaml":
+            proc = mergekit_yaml(config, out)
+        else:
+            proc = cli("merge", write_recipe(tmp_path, config), out, "--no-copy-tokenizer")
+        assert "mean |cos|" in proc.stderr
+        check_report(out / "awd_report.json", 3)
+        check_png(out / "awd_cosine.png")
+        card = (out / "README.md").read_text()
+        assert "## Adaptive Weight Disentanglement" in card and "awd_cosine.png" in card
+        assert "mergekit" in card  # mergekit's own card is kept
+
+
+def test_failed_merge_writes_no_report(family, tmp_path):
+    proc = mergekit_yaml(recipe(family["base"], family["fts"], alpha=-1), tmp_path / "out", check=False)
+    assert proc.returncode != 0
+    assert not (tmp_path / "out" / "awd_report.json").exists()
+
+
+def test_quiet_is_read_from_mergekit_yaml_command_line(monkeypatch):
+    from mergekit_awd import cli_context
+
+    for argv, quiet in ((["mergekit-yaml", "r.yml", "out", "--quiet"], True),
+                        (["mergekit-yaml", "r.yml", "out"], False)):
+        monkeypatch.setattr(sys, "argv", argv)
+        cli_context.mergekit_yaml_params.cache_clear()
+        assert cli_context.quiet() is quiet
+        assert cli_context.out_path() == "out"
+    cli_context.mergekit_yaml_params.cache_clear()
