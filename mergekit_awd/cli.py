@@ -95,7 +95,7 @@ def analyze(gram, base, models, weights, params) -> Dict:
         log.add(names, G, H, solution, numel)
     else:
         for name in names:
-            G_t, P = per_tensor[name]
+            G_t, P, _ = per_tensor[name]
             t = [taus[name]] if name in taus else []
             solution = global_scope.solve(G_t, P, params, t)
             H = global_scope.disentangled(G_t, solution, t)

@@ -40,6 +40,7 @@ class GlobalRun:
     solution: Optional[solver.Solution] = None
     delta: Dict[str, torch.Tensor] = field(default_factory=dict)
     consumed: Set[str] = field(default_factory=set)
+    fingerprints: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _RUNS: Dict[Tuple[Hashable, ...], GlobalRun] = {}
@@ -105,7 +106,7 @@ def _raise_inconsistent(name: str, first: Tuple, now: Tuple) -> None:
 
 def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
     """The Gram pass over the selected tensors and the solve."""
-    names, G, numel, taus, _ = gram_pass(
+    names, G, numel, taus, per_tensor = gram_pass(
         base_id,
         model_ids,
         params["select"],
@@ -114,6 +115,7 @@ def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
         max_gb=params["adam_max_gb"],
     )
     run = GlobalRun(solver_params=solver_params, names=set(names), G=G, numel=numel)
+    run.fingerprints = {name: per_tensor[name][2] for name in names}
     run.solution = solve(G, numel, params, list(taus.values()))
     if run.solution.delta is not None:
         run.delta = dict(zip(taus.keys(), run.solution.delta))
@@ -191,7 +193,7 @@ def gram_pass(
     G = np.zeros((K, K))
     names: List[str] = []
     taus: Dict[str, torch.Tensor] = {}
-    per_tensor: Dict[str, Tuple[np.ndarray, int]] = {}
+    per_tensor: Dict[str, Tuple[np.ndarray, int, torch.Tensor]] = {}
     numel = 0
     candidates = [
         w
@@ -227,7 +229,7 @@ def gram_pass(
                 raise_nonfinite(name, labelled(base_id, model_ids, tensors))
             del tensors, base, rest
             G += G_t
-            per_tensor[name] = (G_t, tau[0].numel())
+            per_tensor[name] = (G_t, tau[0].numel(), fingerprint(tau))
             numel += tau[0].numel()
             names.append(name)
             if keep_taus:
@@ -242,6 +244,26 @@ def gram_pass(
                         f"adam_max_gb."
                     )
     return names, G, numel, taus, per_tensor
+
+
+def fingerprint(taus: torch.Tensor) -> torch.Tensor:
+    """A cheap per-model signature of a tensor's task vectors (first 4096 entries)."""
+    return taus.reshape(taus.shape[0], -1)[:, :4096].to(torch.float64).sum(dim=1).cpu()
+
+
+def check_fingerprint(run: GlobalRun, name: str, taus: torch.Tensor) -> None:
+    """The kernel merges what the Gram pass read (slices: may map other tensors here)."""
+    expected = run.fingerprints.pop(name, None)
+    if expected is None:
+        return
+    got = fingerprint(taus)
+    if not torch.allclose(got, expected, rtol=1e-5, atol=1e-8):
+        raise AWDInputError(
+            f"tensor {name}: the inputs merged into it are not the tensors of that "
+            f"name that the scope: global Gram pass read (a slices:/modules: recipe "
+            f"that takes layers from other positions?). Use scope: tensor for such "
+            f"recipes."
+        )
 
 
 def _progress(items):

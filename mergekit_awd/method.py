@@ -11,6 +11,7 @@ selected case is task arithmetic with coefficients weight_k - W * w_k.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -148,6 +149,7 @@ class AWDMerge(GroupMergeMethod):
         *,
         group_name: Optional[str] = None,
     ) -> None:
+        _refuse_output_among_inputs(input_ids)
         try:
             super().validate_inputs(input_ids, base_id, group_name=group_name)
         except ValueError as error:
@@ -207,6 +209,7 @@ class AWDMerge(GroupMergeMethod):
             return self._ties(base, taus, entries, weights, p)
         if p["scope"] == "global":
             run = global_scope.lookup(group.base.id, model_ids, name, p, base.device)
+            global_scope.check_fingerprint(run, name, taus)
             solution = run.solution
             delta = run.delta.pop(name, None)
         else:
@@ -260,6 +263,25 @@ class AWDMerge(GroupMergeMethod):
             divisor[divisor == 0] = 1
             mixed /= divisor
         return base + mixed * p["lambda"]
+
+
+def _refuse_output_among_inputs(input_ids) -> None:
+    """Writing the merge into an input's folder would overwrite what is being read."""
+    from mergekit_awd.cli_context import out_path
+
+    out = out_path()
+    if not out:
+        return
+    target = os.path.realpath(out)
+    for model in input_ids:
+        for part in (getattr(model, "model", None), getattr(model, "lora", None)):
+            path = getattr(part, "path", None)
+            if path and os.path.isdir(path) and os.path.realpath(path) == target:
+                raise ValueError(
+                    f"the output folder {out} is the input model {model}: the merge "
+                    f"would overwrite the weights it is reading. Choose another "
+                    f"output folder."
+                )
 
 
 def _scale(p, weights) -> float:

@@ -41,6 +41,7 @@ def make_family(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: Optional[str] = None,
+    safe_serialization: bool = True,
 ) -> Dict[str, object]:
     """Write ``base`` and ``ft0..ft{n-1}`` under ``out_dir``; return their paths.
 
@@ -53,7 +54,8 @@ def make_family(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    paths = {"base": _save(model, os.path.join(out_dir, "base"), max_shard_size)}
+    save = dict(max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    paths = {"base": _save(model, os.path.join(out_dir, "base"), **save)}
     gen = torch.Generator().manual_seed(seed + 1)
     shared_dir = {
         k: torch.randn(v.shape, generator=gen, dtype=torch.float32) for k, v in state.items()
@@ -66,13 +68,20 @@ def make_family(
             eps = torch.randn(v.shape, generator=gen, dtype=torch.float32)
             new_state[k] = (v.float() + rms * (shared * shared_dir[k] + noise * eps)).to(dtype)
         model.load_state_dict(new_state)
-        fts.append(_save(model, os.path.join(out_dir, f"ft{i}"), max_shard_size))
+        fts.append(_save(model, os.path.join(out_dir, f"ft{i}"), **save))
     model.load_state_dict(state)
     paths["fts"] = fts
     return paths
 
 
-def _save(model, path: str, max_shard_size: Optional[str]) -> str:
+def _save(model, path: str, max_shard_size: Optional[str], safe_serialization: bool) -> str:
+    if not safe_serialization:  # transformers 5 writes only safetensors itself
+        os.makedirs(path, exist_ok=True)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+        return os.path.abspath(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    model.save_pretrained(path, **kwargs)
     return os.path.abspath(path)

@@ -18,6 +18,8 @@ def load(path):
     state = {}
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         state.update(load_file(f))
+    for f in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+        state.update(torch.load(f, weights_only=True))
     return state
 
 
@@ -63,8 +65,7 @@ def merge(base_path, ft_paths, *, weights=None, lam=1.0, alpha=0.01, lr=0.005,
     base = {k: v.double() for k, v in load(base_path).items()}
     fts = [{k: v.double() for k, v in load(p).items()} for p in ft_paths]
     weights = weights or [1.0] * len(fts)
-    W = sum(weights)
-    scale = lam / W if normalize else lam
+    weights_of = weights if callable(weights) else (lambda name: weights)
     names = [k for k in base if select(k, base[k])]
     taus = {k: torch.stack([ft[k] - base[k] for ft in fts]) for k in base}
     delta = {}
@@ -86,5 +87,7 @@ def merge(base_path, ft_paths, *, weights=None, lam=1.0, alpha=0.01, lr=0.005,
             out[k] = b
             continue
         d = delta.get(k, torch.zeros_like(b))
-        out[k] = b + scale * sum(w * (tau - d) for w, tau in zip(weights, taus[k]))
+        w_k = weights_of(k)
+        scale = lam / sum(w_k) if normalize else lam
+        out[k] = b + scale * sum(w * (tau - d) for w, tau in zip(w_k, taus[k]))
     return out, base
