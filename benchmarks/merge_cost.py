@@ -34,11 +34,11 @@ SIZES = {
 }
 
 
-def family(cache: str, size: str, k: int):
+def family(cache: str, size: str, k: int, shard: str = None):
     from mergekit_awd.synthetic import make_family, tiny_llama_config
 
     hidden, inter, layers, vocab = SIZES[size]
-    root = os.path.join(cache, f"llama-{size}-k{k}")
+    root = os.path.join(cache, f"llama-{size}-k{k}" + (f"-shard{shard}" if shard else ""))
     marker = os.path.join(root, "paths.json")
     if os.path.exists(marker):
         with open(marker) as f:
@@ -52,7 +52,8 @@ def family(cache: str, size: str, k: int):
         num_key_value_heads=hidden // 64,
         max_position_embeddings=256,
     )
-    paths = make_family(root, config=config, n_models=k, shared=0.02, noise=0.01)
+    paths = make_family(root, config=config, n_models=k, shared=0.02, noise=0.01,
+                        max_shard_size=shard)
     with open(marker, "w") as f:
         json.dump(paths, f)
     return paths
@@ -173,18 +174,24 @@ def main():
     parser.add_argument("--small", type=int, default=1_000_000)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "awd-bench"))
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--skip-solver", action="store_true")
+    parser.add_argument("--shard", default=None, help="max shard size of the inputs, e.g. 500MB")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
 
-    paths = family(args.cache, args.size, args.k)
-    print(f"# synthetic Llama {args.size}, K={args.k}, float32, {os.cpu_count()} CPU cores")
+    paths = family(args.cache, args.size, args.k, args.shard)
+    shards = len([f for f in os.listdir(paths["base"]) if f.endswith(".safetensors")])
+    print(f"# synthetic Llama {args.size}, K={args.k}, float32, {shards} shard(s) per model, "
+          f"{os.cpu_count()} CPU cores")
     if not args.skip_merge:
         print(f"\n## mergekit-yaml, {args.rounds} alternating rounds (medians)\n")
         print("| method | wall s | peak RSS MiB | wall / TA | RSS / TA |")
         print("|---|---:|---:|---:|---:|")
         for name, wall, rss, rt, rm in merge_cost(paths, args.rounds):
             print(f"| {name} | {wall:.2f} | {rss:.0f} | {rt:.2f}x | {rm:.2f}x |")
+    if args.skip_solver:
+        return
     s = solver_cost(paths, args.naive_steps, args.small)
     print("\n## solver alone, 1000 steps (K=%d)\n" % args.k)
     print("| task vectors | Gram-space (incl. Gram pass) s | naive full-space autograd s | ratio |")

@@ -1,8 +1,8 @@
 """`scope: global`: one delta for the whole model, from one streaming Gram pass.
 
 mergekit calls a merge method once per output tensor and has no hook before
-the first one, so the first `awd` call of a merge streams every selected tensor
-of every input through mergekit's own loaders (one tensor group in memory at a
+the first one, so the first call for a selected tensor streams every selected
+tensor of every input through mergekit's own loaders (one tensor group in memory at a
 time, on the merge device), solves once, and keeps the solution until every
 selected tensor has been merged. Because the solution is shared, every tensor
 must resolve the solver's parameters to the same values; a tensor that does not
