@@ -33,38 +33,34 @@ def table(res):
     return "\n".join(rows)
 
 
-def plot_lambda(results, out):
+def panels(results, out, name, title, xlabel, draw):
+    """One panel per regime, drawn by ``draw(ax, res)``; saved as ``name``."""
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
     for ax, (regime, res) in zip(axes[0], results.items()):
-        for name, m in res["methods"].items():
-            if "by_lambda" in m:
-                xs = sorted(m["by_lambda"], key=float)
-                ax.plot([float(x) for x in xs], [m["by_lambda"][x] for x in xs], marker="o", label=name)
-        ax.set_title(f"{regime}: normalized score vs lambda", fontsize=9)
-        ax.set_xlabel("lambda")
+        draw(ax, res)
+        ax.set_title(f"{regime}: {title}", fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
-    path = os.path.join(out, "quality-lambda.png")
+    path = os.path.join(out, name)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_tasks(results, out):
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
-    for ax, (regime, res) in zip(axes[0], results.items()):
-        for name, by_k in res["by_tasks"].items():
-            ks = sorted(by_k, key=int)
-            mean = [by_k[k]["mean"] for k in ks]
-            lo = [by_k[k]["mean"] - by_k[k]["min"] for k in ks]
-            hi = [by_k[k]["max"] - by_k[k]["mean"] for k in ks]
-            ax.errorbar([int(k) for k in ks], mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
-        ax.set_title(f"{regime}: normalized score vs number of tasks", fontsize=9)
-        ax.set_xlabel("tasks merged")
-        ax.legend(fontsize=7)
-    path = os.path.join(out, "quality-tasks.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def draw_lambda(ax, res):
+    for name, m in res["methods"].items():
+        if "by_lambda" in m:
+            xs = sorted(m["by_lambda"], key=float)
+            ax.plot([float(x) for x in xs], [m["by_lambda"][x] for x in xs], marker="o", label=name)
+
+
+def draw_tasks(ax, res):
+    for name, by_k in res["by_tasks"].items():
+        ks = sorted(by_k, key=int)
+        mean = [by_k[k]["mean"] for k in ks]
+        lo = [by_k[k]["mean"] - by_k[k]["min"] for k in ks]
+        hi = [by_k[k]["max"] - by_k[k]["mean"] for k in ks]
+        ax.errorbar([int(k) for k in ks], mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
 
 
 def main():
@@ -76,8 +72,9 @@ def main():
         results = json.load(f)
     img = os.path.join(args.out, "img")
     os.makedirs(img, exist_ok=True)
-    plot_lambda(results, img)
-    plot_tasks(results, img)
+    panels(results, img, "quality-lambda.png", "normalized score vs lambda", "lambda", draw_lambda)
+    panels(results, img, "quality-tasks.png", "normalized score vs number of tasks",
+           "tasks merged", draw_tasks)
     for regime in results:
         src = os.path.join(args.work, f"awd-{regime}_cosine.png")
         if os.path.exists(src):

