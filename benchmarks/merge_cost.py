@@ -59,11 +59,12 @@ def family(cache: str, size: str, k: int, shard: str = None):
     return paths
 
 
-def recipe(paths, method, **parameters):
+def recipe(paths, method, per_model=None, **parameters):
     config = {
         "merge_method": method,
         "base_model": paths["base"],
-        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths["fts"]],
+        "models": [{"model": p, "parameters": {"weight": 1.0, **(per_model or {})}}
+                   for p in paths["fts"]],
         "parameters": parameters,
         "dtype": "float32",
     }
@@ -92,9 +93,10 @@ def measure(config, workdir: str, name: str):
     return wall, usage.ru_maxrss / 1024
 
 
-def merge_cost(paths, rounds: int):
+def merge_cost(paths, rounds: int, ties: bool = False):
     variants = {
         "task_arithmetic": recipe(paths, "task_arithmetic"),
+        **({"ties": recipe(paths, "ties", {"density": 0.2})} if ties else {}),
         "awd_global": recipe(paths, "awd", steps=1000, scope="global"),
         "awd_tensor": recipe(paths, "awd", steps=1000, scope="tensor"),
     }
@@ -175,6 +177,7 @@ def main():
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "awd-bench"))
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--skip-solver", action="store_true")
+    parser.add_argument("--ties", action="store_true", help="also time mergekit's ties")
     parser.add_argument("--shard", default=None, help="max shard size of the inputs, e.g. 500MB")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,7 +191,7 @@ def main():
         print(f"\n## mergekit-yaml, {args.rounds} alternating rounds (medians)\n")
         print("| method | wall s | peak RSS MiB | wall / TA | RSS / TA |")
         print("|---|---:|---:|---:|---:|")
-        for name, wall, rss, rt, rm in merge_cost(paths, args.rounds):
+        for name, wall, rss, rt, rm in merge_cost(paths, args.rounds, args.ties):
             print(f"| {name} | {wall:.2f} | {rss:.0f} | {rt:.2f}x | {rm:.2f}x |")
     if args.skip_solver:
         return

@@ -36,7 +36,7 @@ LOG = logging.getLogger(__name__)
 # Relative units (DESIGN.md §2): one alpha/lr for any model and tensor size.
 DEFAULTS = {
     "lambda": 1.0,
-    "alpha": 0.01,
+    "alpha": 0.001,
     "lr": 0.005,
     "steps": 1000,
     "optimizer": "sgd",

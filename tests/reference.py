@@ -58,7 +58,7 @@ def solve_delta(T, alpha, lr, steps, optimizer="sgd", units="relative"):
     return delta.detach()
 
 
-def merge(base_path, ft_paths, *, weights=None, lam=1.0, alpha=0.01, lr=0.005,
+def merge(base_path, ft_paths, *, weights=None, lam=1.0, alpha=0.001, lr=0.005,
           steps=1000, optimizer="sgd", scope="global", units="relative",
           others="task_arithmetic", normalize=False, select=paper_selected):
     """The merged state dict, as DESIGN.md section 4 defines it."""

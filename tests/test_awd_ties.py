@@ -49,7 +49,7 @@ def expected(base, fts, method, weights, density, lam, normalize, rescale, steps
 def test_kernel_matches_mergekit_sparsify_and_get_mask(name, method, normalize, rescale):
     group, base, fts = make_group()
     weights, density = [1.0, 0.5, 0.8], [0.5, 0.3, 0.7]
-    params = dict(scope="tensor", steps=300, weight={"a": 1.0, "b": 0.5, "c": 0.8},
+    params = dict(scope="tensor", steps=300, alpha=0.01, weight={"a": 1.0, "b": 0.5, "c": 0.8},
                   density={"a": 0.5, "b": 0.3, "c": 0.7}, **{"lambda": 0.9})
     torch.manual_seed(7)
     (got,) = get(name)([group], parameters=params)

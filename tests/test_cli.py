@@ -56,7 +56,7 @@ def check_png(path):
 
 
 def test_report_writes_json_and_pictures_and_no_model(family, tmp_path):
-    path = write_recipe(tmp_path, recipe(family["base"], family["fts"], weights=[1, 0.5, 1], steps=300))
+    path = write_recipe(tmp_path, recipe(family["base"], family["fts"], weights=[1, 0.5, 1], steps=300, alpha=0.01))
     proc = cli("report", path, "--out", tmp_path / "rep")
     assert "mean |cos|" in proc.stdout
     rep = check_report(tmp_path / "rep" / "awd_report.json", 3)

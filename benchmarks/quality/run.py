@@ -49,8 +49,13 @@ MERGE_ARCH = "AWDBenchBertEncoder"
 
 
 def mergeable(model, out):
-    model.config.architectures = [MERGE_ARCH]
     model.save_pretrained(out)
+    path = os.path.join(out, "config.json")  # save_pretrained rewrites architectures
+    with open(path) as f:
+        config = json.load(f)
+    config["architectures"] = [MERGE_ARCH]
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def merge_base(work):
