@@ -28,7 +28,6 @@ import reference  # noqa: E402
 
 def families(sizes, cache):
     from mergekit_awd import examples
-    from mergekit_awd.synthetic import make_family, tiny_llama_config
 
     if "tiny" in sizes:
         paths = examples.make(os.path.join(cache, "tiny-llama"))

@@ -35,8 +35,6 @@ class GlobalRun:
 
     solver_params: Tuple
     names: Set[str]
-    G: Optional[np.ndarray] = None
-    numel: int = 0
     solution: Optional[solver.Solution] = None
     delta: Dict[str, torch.Tensor] = field(default_factory=dict)
     consumed: Set[str] = field(default_factory=set)
@@ -114,7 +112,7 @@ def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
         keep_taus=params["optimizer"] == "adam" and params["steps"] > 0,
         max_gb=params["adam_max_gb"],
     )
-    run = GlobalRun(solver_params=solver_params, names=set(names), G=G, numel=numel)
+    run = GlobalRun(solver_params=solver_params, names=set(names))
     run.fingerprints = {name: per_tensor[name][2] for name in names}
     run.solution = solve(G, numel, params, list(taus.values()))
     if run.solution.delta is not None:

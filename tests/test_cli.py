@@ -29,8 +29,6 @@ def write_recipe(tmp_path, config, name="r.yml"):
 
 
 def check_report(path, K):
-    from mergekit_awd import solver
-
     with open(path) as f:
         rep = json.load(f)
     for key in ("models", "weights", "parameters", "task_vector_norms", "cosine_before",
