@@ -117,30 +117,20 @@ def _prepare(base_id, model_ids, solver_params, params, device) -> GlobalRun:
     run.solution = solve(G, numel, params, list(taus.values()))
     if run.solution.delta is not None:
         run.delta = dict(zip(taus.keys(), run.solution.delta))
-    L = run.solution.losses
-    M = solver.pair_weights(solver.active_tasks(G))
-    H = disentangled(G, run.solution, list(taus.values()))
-    LOG.info(
-        "awd (scope: global): %d tensors, %d parameters; loss %.4g -> %.4g; "
-        "mean |cos| %.4f -> %.4f",
-        len(names),
-        numel,
-        L[0],
-        L[-1],
-        solver.mean_abs_offdiag(solver.cosine_matrix(G), M),
-        solver.mean_abs_offdiag(solver.cosine_matrix(H), M),
-    )
     if names:
-        merge_log.record(
+        log = merge_log.record(
             base_id,
             model_ids,
             names,
             [params["weight"][m] for m in model_ids],
             params,
             G,
-            H,
+            disentangled(G, run.solution, list(taus.values())),
             run.solution,
             numel,
+        )
+        LOG.info(
+            "awd (scope: global): %d parameters; %s", numel, merge_log.summary_line(log)
         )
     return run
 

@@ -99,6 +99,7 @@ def record(base_id, model_ids, names, weights, params, G, H, solution, numel):
     log = log_for(base_id, model_ids, names[0], weights, params)
     with _LOCK:
         log.add(list(names), G, H, solution, numel)
+    return log
 
 
 def latest() -> Optional[MergeLog]:
@@ -123,9 +124,9 @@ def finish(out_path: str) -> List[str]:
     return paths
 
 
-def summary_line() -> str:
-    """Final loss and the cosine drop of the last merge, in one line."""
-    log = latest()
+def summary_line(log: Optional[MergeLog] = None) -> str:
+    """Final loss and the cosine drop of a merge (default: the last), in one line."""
+    log = log or latest()
     if log is None or log.G is None:
         return "no tensor was disentangled"
     from mergekit_awd.report import table

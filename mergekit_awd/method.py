@@ -28,7 +28,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 from mergekit_awd import global_scope, merge_log, params, solver
-from mergekit_awd.global_scope import check_shapes, labelled, raise_nonfinite
+from mergekit_awd.global_scope import labelled, raise_nonfinite
 from mergekit_awd.selection import is_selected, layer_weight_names
 
 LOG = logging.getLogger(__name__)
@@ -169,7 +169,6 @@ class AWDMerge(GroupMergeMethod):
         name = group.metadata.name or "<unnamed>"
         model_ids = tuple(e.id for e in entries)
         tensors = [base, *(e.tensor for e in entries)]
-        check_shapes(name, (group.base.id, *model_ids), tensors)
         if len(entries) == 1 and not self._warned_single:
             self._warned_single = True
             LOG.warning(

@@ -248,13 +248,13 @@ def adam_full(
         for t in taus
     ]
     losses: List[float] = []
-    if active.sum() < 2 or steps == 0:
-        losses = [_full_objective(taus, delta, G, alpha)[0]] * (steps + 1)
-        return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
     M = pair_weights(active)
+    if active.sum() < 2 or steps == 0:
+        losses = [_full_objective(taus, delta, G, alpha, M)[0]] * (steps + 1)
+        return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
     opt = torch.optim.Adam(delta, lr=lr, betas=betas, eps=eps)
     for _ in range(steps):
-        L, H, q = _full_objective(taus, delta, G, alpha)
+        L, H, q = _full_objective(taus, delta, G, alpha, M)
         losses.append(L)
         r = torch.from_numpy(_orthogonality_terms(H, M)[0])
         coef_delta = 2.0 * float(r.sum()) + (alpha / math.sqrt(q) if q > 0 else 0.0)
@@ -264,7 +264,7 @@ def adam_full(
             grad.add_(d.detach(), alpha=coef_delta)
             d.grad = grad
         opt.step()
-    losses.append(_full_objective(taus, delta, G, alpha)[0])
+    losses.append(_full_objective(taus, delta, G, alpha, M)[0])
     return Solution(alpha, lr, steps, losses, delta=[d.detach() for d in delta])
 
 
@@ -277,10 +277,12 @@ def delta_norm_sq(G, solution: "Solution") -> float:
 
 def full_inner(taus: Sequence[torch.Tensor], delta: Sequence[torch.Tensor], G) -> np.ndarray:
     """<tau_i - delta, tau_j - delta> for a full-space delta (Adam's)."""
-    return _full_objective(taus, delta, torch.from_numpy(_as_numpy(G)), 0.0)[1]
+    G = _as_numpy(G)
+    M = pair_weights(active_tasks(G))
+    return _full_objective(taus, delta, torch.from_numpy(G), 0.0, M)[1]
 
 
-def _full_objective(taus, delta, G: torch.Tensor, alpha: float):
+def _full_objective(taus, delta, G: torch.Tensor, alpha: float, M: np.ndarray):
     """L at a full-space delta, plus the disentangled inner products H and ||delta||^2."""
     with torch.no_grad():
         p = torch.zeros(G.shape[0], dtype=torch.float64)
@@ -291,6 +293,6 @@ def _full_objective(taus, delta, G: torch.Tensor, alpha: float):
             p += (flat @ dflat).to(torch.float64).cpu()
             q += float(dflat.to(torch.float64).square().sum())
     H = (G - p[:, None] - p[None, :] + q).numpy()
-    L = mean_abs_offdiag(cosine_matrix(H), pair_weights(active_tasks(G.numpy())))
+    L = mean_abs_offdiag(cosine_matrix(H), M)
     L += alpha * math.sqrt(max(q, 0.0))
     return L, H, max(q, 0.0)
