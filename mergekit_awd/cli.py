@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Dict, List, Optional
@@ -9,13 +10,13 @@ from typing import Dict, List, Optional
 import click
 import yaml
 
-from mergekit.config import MergeConfiguration, evaluate_setting
+from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
-from mergekit_awd import cli_context, global_scope, merge_log, report
-from mergekit_awd.params import AWDParameterError
+from mergekit_awd import report, scope
+from mergekit_awd.merge_log import MergeLog
 
 AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
 
@@ -31,75 +32,48 @@ def _load(config_file: str):
     return MergeConfiguration.model_validate(yaml.safe_load(source)), source
 
 
-def _settings(config: MergeConfiguration, overrides: Optional[Dict] = None):
-    """(base, models, weights, params) of a `models:` recipe, each a single value."""
-    from mergekit.merge_methods import get
+def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collected:
+    """Plan the recipe as mergekit-yaml would and run the Gram pass over its tasks."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
 
     if config.merge_method not in AWD_METHODS:
         raise click.UsageError(
             f"{config.merge_method!r} is not an AWD method; use one of {', '.join(AWD_METHODS)}"
         )
-    if config.base_model is None:
-        raise click.UsageError("the recipe needs base_model: AWD works on task vectors")
-    if not config.models:
-        raise click.UsageError(
-            "report and sweep read recipes written with models: (not slices: or modules:)"
-        )
-    spec = get(config.merge_method).spec
-    raw = dict(config.parameters or {})
-    raw.update(overrides or {})
-    params = {}
-    for p in spec.shared_parameters:
-        setting = raw.get(p.name, p.default)
-        if not isinstance(setting, (bool, int, float, str)):
-            raise AWDParameterError(
-                f"{p.name} is given per tensor (a filter or gradient); report and sweep "
-                f"solve one problem for the whole model and need a single value"
-            )
-        params[p.name] = p.validate(setting)
-    base = config.base_model
-    models, weights = [], []
-    weight_spec = next(p for p in spec.parameters if p.name == "weight")
-    for m in config.models:
-        if m.model == base:
-            continue
-        setting = (m.parameters or {}).get("weight", 1.0)
-        models.append(m.model)
-        weights.append(evaluate_setting("", setting, 0, validate=weight_spec.validate))
-    return base, models, weights, params
-
-
-def _gram(options: MergeOptions, base, models, params):
-    from mergekit.io.tasks import LoaderCache
-
+    config = config.model_copy(deep=True)
+    arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options)
-    return global_scope.gram_pass(
-        base,
-        tuple(models),
-        params["select"],
-        options.device,
-        keep_taus=params["optimizer"] == "adam" and params["steps"] > 0,
-        max_gb=params["adam_max_gb"],
+    out_config = _model_out_config(config, arch_info, options.trust_remote_code)
+    # plan_to_disk only plans (the writer is a task that is never run here);
+    # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
+    planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
+    tasks = [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
+    collected, _ = scope.collect_tasks(
+        config.merge_method, tasks, options.device, "cpu",
+        quiet=options.quiet,
     )
+    if not collected.tensors:
+        raise click.UsageError("the recipe's select: selects no tensor")
+    return collected
 
 
-def analyze(gram, base, models, weights, params) -> Dict:
-    """The report of the recipe's solve(s), from one Gram pass."""
-    names, G, numel, taus, per_tensor = gram
-    if not names:
-        raise click.UsageError(f"select: {params['select']!r} selects no tensor")
-    log = merge_log.MergeLog(models=tuple(models), weights=list(weights), params=params)
-    if params["scope"] == "global":
-        solution = global_scope.solve(G, numel, params, list(taus.values()))
-        H = global_scope.disentangled(G, solution, list(taus.values()))
-        log.add(names, G, H, solution, numel)
+def analyze(collected: scope.Collected, **overrides) -> Dict:
+    """The report of the recipe's solve(s) (one global, or one per tensor)."""
+    s = dataclasses.replace(collected.settings, **overrides)
+    log = MergeLog()
+    if s.scope == "global":
+        parts = [collected]
     else:
-        for name in names:
-            G_t, P, _ = per_tensor[name]
-            t = [taus[name]] if name in taus else []
-            solution = global_scope.solve(G_t, P, params, t)
-            H = global_scope.disentangled(G_t, solution, t)
-            log.add([name], G_t, H, solution, P)
+        parts = [dataclasses.replace(collected, tensors=[t]) for t in collected.tensors]
+    for part in parts:
+        taus = [t.taus for t in part.tensors if t.taus is not None]
+        G = part.G
+        solution = scope.solve(G, part.numel, s, taus)
+        log.add(collected.models, s, [t.name for t in part.tensors], G,
+                scope.disentangled(G, solution, taus), solution, part.numel)
     return log.report()
 
 
@@ -111,11 +85,9 @@ def analyze(gram, base, models, weights, params) -> Dict:
 def report_command(merge_options: MergeOptions, config_file: str, out_dir: str):
     """Run only the Gram pass and the solver of a recipe; write a report, no model."""
     merge_options.apply_global_options()
-    cli_context.set_options(quiet=merge_options.quiet)
     config, _ = _load(config_file)
-    base, models, weights, params = _settings(config)
     start = time.perf_counter()
-    rep = analyze(_gram(merge_options, base, models, params), base, models, weights, params)
+    rep = analyze(_collect(config, merge_options))
     rep["seconds"] = time.perf_counter() - start
     paths = report.write(rep, out_dir)
     click.echo(report.table(rep))
@@ -142,18 +114,15 @@ def sweep_command(merge_options: MergeOptions, config_file: str, alphas, lambdas
                   merge_to: Optional[str]):
     """One Gram pass, one solve per alpha: a table of cosines, ||delta|| and coefficients."""
     merge_options.apply_global_options()
-    cli_context.set_options(quiet=merge_options.quiet)
     config, _ = _load(config_file)
-    base, models, weights, params = _settings(config)
-    alphas = _floats(alphas) or [params["alpha"]]
-    lambdas = _floats(lambdas) or [params["lambda"]]
-    gram = _gram(merge_options, base, models, params)
+    collected = _collect(config, merge_options)
+    alphas = _floats(alphas) or [collected.settings.alpha]
+    lambdas = _floats(lambdas) or [collected.settings.lam]
     click.echo(f"{'alpha':>10s} {'lambda':>7s} {'mean|cos| after':>16s} "
                f"{'||delta||rel':>12s}  lambda * coefficients")
     rows = []
     for alpha in alphas:
-        _, _, _, p = _settings(config, {"alpha": alpha})
-        rep = analyze(gram, base, models, weights, p)
+        rep = analyze(collected, alpha=alpha)
         for lam in lambdas:
             coefs = rep["coefficients"]
             shown = "element-wise" if coefs is None else " ".join(f"{lam * c:.3f}" for c in coefs)
@@ -171,9 +140,8 @@ def sweep_command(merge_options: MergeOptions, config_file: str, alphas, lambdas
 
 
 def _merge(config: MergeConfiguration, source: str, out_path: str, options: MergeOptions):
-    cli_context.set_options(quiet=options.quiet, out_path=out_path)
+    """mergekit's run_merge; the awd report is written as it returns."""
     run_merge(config, out_path, options=options, config_source=source)
-    return merge_log.finish(out_path)
 
 
 @main.command("merge", cls=PrettyPrintHelp)
@@ -184,6 +152,4 @@ def merge_command(merge_options: MergeOptions, config_file: str, out_path: str):
     """`mergekit-yaml` with the plugin loaded explicitly, plus the awd report."""
     merge_options.apply_global_options()
     config, source = _load(config_file)
-    paths = _merge(config, source, out_path, merge_options)
-    if paths:
-        click.echo(f"awd: {merge_log.summary_line()}\nawd report: {paths[0]}", err=True)
+    _merge(config, source, out_path, merge_options)

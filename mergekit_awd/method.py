@@ -1,23 +1,30 @@
-"""The `awd` merge method: mergekit glue around the solver.
+"""The `awd` merge methods: a mergekit kernel around the solver.
 
-Merged tensor (DESIGN.md §4), with W = sum_i weight_i:
-    selected:  base + lambda * sum_i weight_i * (tau_i - delta)
-    others:    base + lambda * sum_i weight_i * tau_i   (others: task_arithmetic)
-               base                                     (others: base)
-divided by W when `normalize`. Under sgd, delta = sum_k w_k tau_k, so the
-selected case is task arithmetic with coefficients weight_k - W * w_k.
+Merged tensor (docs/design.md), with W = sum_i weight_i and scale = lambda
+(lambda / W under `normalize`):
+
+    selected:  base + scale * sum_i weight_i * (tau_i - delta) + keep_delta * delta
+    others:    mergekit's own method on the raw task vectors (task_arithmetic,
+               or ties / dare_ties for awd_ties / awd_dare_ties), or base
+               (`others: base`)
+
+Under sgd delta = sum_k w_k tau_k, so the selected case is task arithmetic
+with the coefficients scale * (weight_k - W w_k) + keep_delta * w_k. With
+sparsification (`awd_ties`, `awd_dare_ties`) the disentangled vectors go
+through mergekit's own TIES / DARE-TIES instead of plain task arithmetic.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
 from mergekit.merge_methods.base import (
     BasePolicy,
+    BatchOptions,
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
@@ -25,131 +32,51 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, get_mask
-from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
-from mergekit_awd import global_scope, merge_log, params, solver
-from mergekit_awd.global_scope import labelled, raise_nonfinite
+from mergekit_awd import params, running, scope, solver
+from mergekit_awd.params import AWDInputError, Settings
 from mergekit_awd.selection import is_selected, layer_weight_names
 
 LOG = logging.getLogger(__name__)
-
-# Relative units (DESIGN.md §2): one alpha/lr for any model and tensor size.
-DEFAULTS = {
-    "lambda": 1.0,
-    "alpha": 0.001,
-    "lr": 0.005,
-    "steps": 1000,
-    "optimizer": "sgd",
-    "scope": "global",
-    "units": "relative",
-    "select": "linear",
-    "others": "task_arithmetic",
-    "normalize": False,
-    "adam_max_gb": 8.0,
-}
-
-_TYPES = {
-    "lambda": params.Lambda,
-    "alpha": params.Alpha,
-    "lr": params.LearningRate,
-    "steps": params.Steps,
-    "optimizer": params.Optimizer,
-    "scope": params.Scope,
-    "units": params.Units,
-    "select": params.Select,
-    "others": params.Others,
-    "normalize": params.Normalize,
-    "adam_max_gb": params.AdamMaxGB,
-}
-
-_DESCRIPTIONS = {
-    "lambda": "scale of the summed disentangled task vectors",
-    "alpha": "weight of ||delta|| against orthogonality (see units)",
-    "lr": "step size: plain GD for sgd, Adam's lr for adam (see units)",
-    "steps": "solver steps N; 0 = plain task arithmetic",
-    "optimizer": "sgd (Algorithm 1, exact in Gram space) or adam (full space)",
-    "scope": "global (one delta for the model, the paper) or tensor",
-    "units": "relative (scale-free alpha/lr) or raw (the paper's units)",
-    "select": "tensors to disentangle: linear, all, or a regex on names",
-    "others": "tensors not selected: task_arithmetic or base",
-    "normalize": "divide by the sum of weights, as task_arithmetic does",
-    "adam_max_gb": "memory allowed for adam's resident task vectors (scope: global)",
-}
 
 
 class AWDMerge(GroupMergeMethod):
     """Adaptive Weight Disentanglement (Xiong et al., arXiv 2411.18729).
 
-    With ``sparsification`` set, the disentangled vectors tau_i - delta go
-    through mergekit's own sparsification and TIES sign consensus instead of
-    plain task arithmetic (`awd_ties`, `awd_dare_ties`; the paper notes that
-    AWD composes with such methods).
+    ``combine_with`` names the mergekit method that combines the (disentangled)
+    task vectors: task_arithmetic (the paper), ties or dare_ties.
     """
 
-    def __init__(
-        self,
-        name: str = "awd",
-        *,
-        pretty_name: str = "Adaptive Weight Disentanglement",
-        sparsification: Optional[SparsificationMethod] = None,
-        default_normalize: bool = False,
-        default_rescale: bool = False,
-    ):
-        self.sparsification = sparsification
-        defaults = dict(DEFAULTS, normalize=default_normalize)
-        extra = ()
-        if sparsification is not None:
-            extra = (
-                ParameterSpec(
-                    "density",
-                    params.Density,
-                    ParameterScope.NON_BASE,
-                    default=1.0,
-                    description="fraction of each disentangled vector kept",
-                ),
-                ParameterSpec(
-                    "rescale", params.Rescale, ParameterScope.SHARED, default=default_rescale
-                ),
-                ParameterSpec(
-                    "int8_mask", params.Int8Mask, ParameterScope.SHARED, default=False
-                ),
-            )
+    def __init__(self, name: str = "awd", *, pretty_name: str = "Adaptive Weight Disentanglement",
+                 combine_with: str = "task_arithmetic", default_normalize: bool = False,
+                 default_rescale: bool = False):
+        self.combine_with = combine_with
+        defaults = {"normalize": default_normalize, "rescale": default_rescale}
+        declared = params.COMMON + (params.SPARSIFY if combine_with != "task_arithmetic" else ())
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,
             reference_url="https://arxiv.org/abs/2411.18729",
-            parameters=(
+            parameters=tuple(
                 ParameterSpec(
-                    "weight",
-                    params.Weight,
-                    ParameterScope.NON_BASE,
-                    default=1.0,
-                    description="per-model weight of its task vector",
-                ),
-                *(
-                    ParameterSpec(
-                        key,
-                        _TYPES[key],
-                        ParameterScope.SHARED,
-                        default=value,
-                        description=_DESCRIPTIONS[key],
-                    )
-                    for key, value in defaults.items()
-                ),
-                *extra,
+                    p.name,
+                    p.type,
+                    ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
+                    default=defaults.get(p.name, p.default),
+                    description=p.description,
+                )
+                for p in declared
             ),
             contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
         )
-        self._warned_single = False
 
-    def validate_inputs(
-        self,
-        input_ids: Sequence[Any],
-        base_id: Optional[Any] = None,
-        *,
-        group_name: Optional[str] = None,
-    ) -> None:
-        _refuse_output_among_inputs(input_ids)
+    # -- planning ---------------------------------------------------------------
+
+    def validate_inputs(self, input_ids: Sequence[Any], base_id: Optional[Any] = None, *,
+                        group_name: Optional[str] = None) -> None:
+        run = running.run_merge()
+        if run is not None:
+            _refuse_output_among_inputs(run.out_path, input_ids)
+            _refuse_unknown_parameters(self.spec, run.config)
         try:
             super().validate_inputs(input_ids, base_id, group_name=group_name)
         except ValueError as error:
@@ -161,114 +88,177 @@ class AWDMerge(GroupMergeMethod):
                 ) from error
             raise
 
+    # -- execution --------------------------------------------------------------
+
     def merge_group(self, group: TensorGroup, /, **p: Any) -> torch.Tensor:
+        """One group alone (a direct call): it is the whole scope."""
+        return self._execute((group,), [p], BatchOptions(), input_dtypes=[None])[0]
+
+    def _execute(self, groups, parameters: List[dict], options, *, input_dtypes,
+                 out_dtype=None):
+        from mergekit.merge_methods.dtype import align_dtype
+
+        state = None
+        if running.current_task() is None:
+            # mergekit's in-memory API: these groups are the whole merge
+            state = scope.MergeState()
+            if any(p["scope"] == "global" for p in parameters):
+                state.global_solution(
+                    lambda: (scope.collect_groups(self, groups, parameters, input_dtypes), {})
+                )
+        results = []
+        for group, p, dtype in zip(groups, parameters, input_dtypes):
+            group = align_dtype(group, dtype)
+            with torch.autocast(device_type=_device_type(group), enabled=False):
+                result = self.merge_aligned(group, p, state)
+            results.append(result.to(out_dtype) if out_dtype is not None else result)
+            del group, result
+        if state is not None:
+            state.finish()
+        return tuple(results)
+
+    def merge_aligned(self, group: TensorGroup, p: dict,
+                      state: Optional[scope.MergeState]) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
         if not entries or not base.is_floating_point():
             return base
         name = group.metadata.name or "<unnamed>"
         model_ids = tuple(e.id for e in entries)
-        tensors = [base, *(e.tensor for e in entries)]
-        if len(entries) == 1 and not self._warned_single:
-            self._warned_single = True
-            LOG.warning(
+        s = Settings.of(p, model_ids)
+        selected = is_selected(s.select, name, base.ndim, group.metadata.vocabulary_axis,
+                               layer_weight_names(group.base.id))
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        collecting = scope.COLLECTING.get()
+        if collecting is not None:  # a Gram pass: record, do not merge
+            if selected:
+                taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
+                _check_finite(name, group, taus)
+                collecting.add(name, model_ids, s, taus)
+            return base
+        executor = None
+        if state is None:
+            state, executor = scope.state_of_running_merge()
+        if state is not None:
+            state.warn_once_if(
+                len(entries) == 1,
                 "awd merges one fine-tune: with a single task vector there is "
                 "nothing to disentangle (delta = 0), so this is task arithmetic. "
-                "AWD needs two or more fine-tuned models."
+                "AWD needs two or more fine-tuned models.",
             )
-        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-        try:
-            result = self._merge(group, name, model_ids, p, dtype)
-        except Exception:
-            if p["scope"] == "global":
-                global_scope.forget(group.base.id, model_ids)
-            raise
+        if not selected:
+            result = self._others(group, s)
+        else:
+            result = self._disentangled(group, name, model_ids, s, state, executor, dtype)
         if not torch.isfinite(result).all():
-            raise_nonfinite(name, labelled(group.base.id, model_ids, tensors))
+            _raise_nonfinite(name, group)
         return result.to(base.dtype)
 
-    def _merge(self, group, name, model_ids, p, dtype):
-        base = group.base.tensor.to(dtype)
-        entries = group.non_base
-        weights = torch.tensor([p["weight"][e.id] for e in entries], dtype=torch.float64)
-        selected = is_selected(
-            p["select"],
-            name,
-            base.ndim,
-            group.metadata.vocabulary_axis,
-            layer_weight_names(group.base.id),
-        )
-        if not selected and p["others"] == "base":
-            return _check_finite_inputs(group, name, model_ids, base)
-        if not selected and self.sparsification is None:
-            return task_arithmetic(base, [e.tensor for e in entries], weights, _scale(p, weights))
+    def _others(self, group: TensorGroup, s: Settings) -> torch.Tensor:
+        """Tensors not disentangled: the base, or mergekit's own method."""
+        if s.others == "base":
+            if not all(torch.isfinite(t).all() for t in group.tensors):
+                _raise_nonfinite(group.metadata.name, group)
+            return group.base.tensor
+        return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s)
 
-        taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
-        if not selected:
-            return self._ties(base, taus, entries, weights, p)
-        if p["scope"] == "global":
-            run = global_scope.lookup(group.base.id, model_ids, name, p, base.device)
-            global_scope.check_fingerprint(run, name, taus)
-            solution = run.solution
-            delta = run.delta.pop(name, None)
+    def _disentangled(self, group, name, model_ids, s: Settings, state, executor, dtype):
+        base = group.base.tensor.to(dtype)
+        taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
+        if s.scope == "global" and state is not None:
+            solved = state.global_solution(lambda: self._gram_pass(executor, state, s))
+            w, delta = solved.delta_for(name)
         else:
             G = solver.gram(taus).cpu().numpy()
-            solution = global_scope.solve(G, taus[0].numel(), p, [taus])
-            delta = solution.delta[0] if solution.delta is not None else None
-            merge_log.record(
-                group.base.id,
-                model_ids,
-                [name],
-                weights.tolist(),
-                p,
-                G,
-                global_scope.disentangled(G, solution, [taus]),
-                solution,
-                taus[0].numel(),
-            )
-        if self.sparsification is not None:
-            return self._ties(base, disentangle(taus, solution.w, delta), entries, weights, p)
-        scale = _scale(p, weights)
-        W = float(weights.sum())
-        if solution.w is not None:
-            coeffs = weights - W * torch.from_numpy(solution.w)
-            return combine(base, taus, coeffs, scale)
-        merged = combine(base, taus, weights, scale)
+            solution = scope.solve(G, taus[0].numel(), s, [taus])
+            w, delta = solution.w, solution.delta[0] if solution.delta is not None else None
+            if state is not None:
+                H = scope.disentangled(G, solution, [taus])
+                state.log.add(model_ids, s, [name], G, H, solution, taus[0].numel())
+        W, scale = sum(s.weights), _scale(s)
+        weights = torch.tensor(s.weights, dtype=torch.float64)
+        if self.combine_with == "task_arithmetic":
+            if w is not None:  # delta = sum_k w_k tau_k: one combination of the taus
+                coeffs = scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
+                return combine(base, taus, coeffs, 1.0)
+            merged = combine(base, taus, weights, scale)
+            if delta is not None:
+                merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta - scale * W)
+            return merged
+        if w is not None:
+            delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
         if delta is not None:
-            merged.sub_(delta.to(merged.device, merged.dtype), alpha=scale * W)
+            taus.sub_(delta.to(taus.device, taus.dtype))
+        merged = base + self._mergekit(torch.zeros_like(base), list(taus.unbind(0)), s)
+        if delta is not None and s.keep_delta:
+            merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
         return merged
 
-    def _ties(self, base, deltas, entries, weights, p) -> torch.Tensor:
-        """mergekit's sparsification and sign consensus on (disentangled) task vectors."""
-        rescale = RescaleNorm.l1 if p["rescale"] else None
-        for k, entry in enumerate(entries):
-            deltas[k] = sparsify(
-                deltas[k],
-                density=p["density"][entry.id],
-                method=self.sparsification,
-                rescale_norm=rescale,
-            )
-        w = weights.to(dtype=deltas.dtype, device=deltas.device)
-        w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
-        deltas.mul_(w)
-        mask = get_mask(
-            deltas,
-            method=ConsensusMethod.sum,
-            mask_dtype=torch.int8 if p["int8_mask"] else deltas.dtype,
+    def _gram_pass(self, executor, state, s: Settings):
+        return scope.collect_tasks(
+            self.spec.name,
+            executor.universe.tasks,
+            executor.math_device,
+            executor.storage_device,
+            quiet=state.run.quiet if state.run else False,
         )
-        mixed = (deltas * mask).sum(dim=0)
-        if p["normalize"]:
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
-        return base + mixed * p["lambda"]
+
+    def _mergekit(self, base: torch.Tensor, tensors: List[torch.Tensor], s: Settings):
+        """mergekit's own task_arithmetic / ties / dare_ties on these inputs.
+
+        In float32 at least: mergekit's methods compute in the inputs' dtype, and
+        bf16 task vectors (differences of nearby bf16 numbers) lose most of their bits.
+        """
+        from mergekit.merge_methods.api import merge_tensors
+
+        parameters = {"weight": list(s.weights), "lambda": s.lam, "normalize": s.normalize}
+        if self.combine_with != "task_arithmetic":
+            parameters.update(density=list(s.densities), rescale=s.rescale,
+                              int8_mask=s.int8_mask)
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        return merge_tensors([base, *tensors], self.combine_with, parameters=parameters,
+                             base_index=0, dtype=dtype)
 
 
-def _refuse_output_among_inputs(input_ids) -> None:
+def combine(base, taus, coeffs, scale: float) -> torch.Tensor:
+    """base + scale * sum_k coeffs_k * tau_k (taus stacked along dim 0)."""
+    c = (coeffs * scale).to(device=taus.device, dtype=taus.dtype)
+    return base + torch.tensordot(c, taus, dims=1)
+
+
+def _scale(s: Settings) -> float:
+    """lambda, divided by the sum of weights under `normalize` (as task_arithmetic)."""
+    W = sum(s.weights)
+    if s.normalize:
+        return s.lam / (W if abs(W) >= 1e-8 else 1.0)
+    return s.lam
+
+
+def _device_type(group: TensorGroup) -> str:
+    return group.entries[0].tensor.device.type if group.entries else "cpu"
+
+
+def _check_finite(name, group, taus) -> None:
+    if not torch.isfinite(taus).all():
+        _raise_nonfinite(name, group)
+
+
+def _raise_nonfinite(name: str, group: TensorGroup) -> None:
+    """Name the input(s) holding NaN/Inf in tensor ``name``."""
+    bad = [
+        f"{e.id} (base)" if e.is_base else str(e.id)
+        for e in group.entries
+        if not torch.isfinite(e.tensor).all()
+    ]
+    where = ", ".join(bad) if bad else "the computed task vectors (overflow)"
+    raise AWDInputError(
+        f"tensor {name} contains NaN or Inf in model {where}; fix or drop that "
+        f"model, merging it would spread NaN/Inf into the output"
+    )
+
+
+def _refuse_output_among_inputs(out: Optional[str], input_ids) -> None:
     """Writing the merge into an input's folder would overwrite what is being read."""
-    from mergekit_awd.cli_context import out_path
-
-    out = out_path()
     if not out:
         return
     target = os.path.realpath(out)
@@ -283,40 +273,30 @@ def _refuse_output_among_inputs(input_ids) -> None:
                 )
 
 
-def _scale(p, weights) -> float:
-    """lambda, divided by the sum of weights under `normalize` (as task_arithmetic)."""
-    W = float(weights.sum())
-    if p["normalize"]:
-        return p["lambda"] / (W if abs(W) >= 1e-8 else 1.0)
-    return p["lambda"]
+def _refuse_unknown_parameters(spec: MergeMethodSpec, config) -> None:
+    """Recipe parameters the method does not have, wherever the recipe puts them."""
+    if config is None or getattr(config, "merge_method", None) != spec.name:
+        return
+    given = {}
+    for where, values in _parameter_blocks(config, "recipe"):
+        given.setdefault(where, []).extend(values or {})
+    params.check_known(spec.name, (p.name for p in spec.parameters), given)
 
 
-def disentangle(taus, w, delta) -> torch.Tensor:
-    """tau_k - delta for all k, in place; delta = sum_k w_k tau_k under sgd."""
-    if w is not None:
-        delta = torch.tensordot(torch.from_numpy(w).to(taus.device, taus.dtype), taus, dims=1)
-    if delta is not None:
-        taus.sub_(delta.to(taus.device, taus.dtype))
-    return taus
+def _parameter_blocks(node, where):
+    """(place, parameters dict) of every `parameters:` block in a mergekit config."""
+    from pydantic import BaseModel
 
-
-def combine(base, taus, coeffs, scale: float) -> torch.Tensor:
-    """base + scale * sum_k coeffs_k * tau_k (taus stacked along dim 0)."""
-    c = (coeffs * scale).to(device=taus.device, dtype=taus.dtype)
-    return base + torch.tensordot(c, taus, dims=1)
-
-
-def task_arithmetic(base, tensors, weights, scale: float) -> torch.Tensor:
-    """mergekit's task arithmetic, one task vector at a time (no K x P stack)."""
-    merged = base.clone()
-    for tensor, weight in zip(tensors, weights.tolist()):
-        merged.add_(tensor.to(base.dtype) - base, alpha=weight * scale)
-    return merged
-
-
-def _check_finite_inputs(group, name, model_ids, base):
-    """`others: base` ignores the fine-tunes' values, but not their NaN/Inf."""
-    tensors = [group.base.tensor, *(e.tensor for e in group.non_base)]
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise_nonfinite(name, labelled(group.base.id, model_ids, tensors))
-    return base
+    if isinstance(node, BaseModel):
+        for key in type(node).model_fields:
+            value = getattr(node, key)
+            if key == "parameters" and isinstance(value, dict):
+                yield f"{where} parameters", value
+            elif value is not None:
+                yield from _parameter_blocks(value, f"{where}.{key}" if where != "recipe" else key)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from _parameter_blocks(item, f"{where}[{i}]")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            yield from _parameter_blocks(item, f"{where}.{key}")

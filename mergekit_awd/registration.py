@@ -7,26 +7,16 @@ def register_all() -> None:
     """Register the plugin's methods; a second call is a no-op."""
     from mergekit.merge_methods import registry
 
-    from mergekit.sparsify import SparsificationMethod
-
     from mergekit_awd.method import AWDMerge
 
     known = {method.spec.name for method in registry.registered_methods()}
     methods = (
         AWDMerge("awd"),
         # defaults as mergekit's ties / dare_ties
-        AWDMerge(
-            "awd_ties",
-            pretty_name="AWD with TIES",
-            sparsification=SparsificationMethod.magnitude,
-            default_normalize=True,
-        ),
-        AWDMerge(
-            "awd_dare_ties",
-            pretty_name="AWD with DARE TIES",
-            sparsification=SparsificationMethod.random,
-            default_rescale=True,
-        ),
+        AWDMerge("awd_ties", pretty_name="AWD with TIES", combine_with="ties",
+                 default_normalize=True),
+        AWDMerge("awd_dare_ties", pretty_name="AWD with DARE TIES", combine_with="dare_ties",
+                 default_rescale=True),
     )
     for method in methods:
         if method.spec.name not in known:

@@ -68,6 +68,14 @@ def summarize(
     }
 
 
+def coefficient_kind(report: Dict) -> str:
+    """What stands in place of one coefficient per model when there is none."""
+    p = report["parameters"]
+    if p.get("optimizer") == "adam":
+        return "element-wise (adam)"
+    return "per tensor" if p.get("scope") == "tensor" else "none"
+
+
 def table(report: Dict) -> str:
     """A short plain-text table for the terminal."""
     lines = [
@@ -77,7 +85,7 @@ def table(report: Dict) -> str:
     for name, wt, n, c in zip(
         report["models"], report["weights"], report["task_vector_norms"], coefs
     ):
-        coef = "adam" if c is None else f"{c:8.4f}"
+        coef = coefficient_kind(report) if c is None else f"{c:8.4f}"
         lines.append(f"{str(name)[-44:]:44s} {wt:7.3f} {n:10.4g} {coef:>8s}")
     loss = report["loss"]
     lines.append(
@@ -140,7 +148,7 @@ def card_section(report: Dict, heatmap: Optional[str] = "awd_cosine.png") -> str
     p = report["parameters"]
     rows = "\n".join(
         f"| {m} | {w:g} | {n:.4g} | "
-        + ("element-wise (adam)" if report["coefficients"] is None else f"{c:.4f}")
+        + (coefficient_kind(report) if report["coefficients"] is None else f"{c:.4f}")
         + " |"
         for m, w, n, c in zip(
             report["models"],
@@ -150,7 +158,8 @@ def card_section(report: Dict, heatmap: Optional[str] = "awd_cosine.png") -> str
         )
     )
     picture = f"\n![cosine similarity before and after]({heatmap})\n" if heatmap else ""
-    keys = ("lambda", "alpha", "lr", "steps", "optimizer", "scope", "units", "select", "others")
+    keys = ("lambda", "alpha", "lr", "steps", "optimizer", "scope", "units", "select", "others",
+            "keep_delta")
     hyper = ", ".join(f"{k}={p[k]}" for k in keys if k in p)
     return f"""
 ## Adaptive Weight Disentanglement

@@ -1,7 +1,9 @@
 """Which tensors AWD disentangles (`select`), decided the same way everywhere.
 
 The paper computes delta over the weights of the linear layers inside the
-transformer blocks (section 4.2). "Inside the blocks" is what mergekit's
+transformer blocks (section 4.2): every weight matrix there, so fused 3-D
+expert weights of a mixture of experts and its router count too (a linear
+map per expert); norms and biases (1-D) do not. "Inside the blocks" is what mergekit's
 architecture definitions call layer weights; a model without one falls back to
 the naming convention of repeated modules (a numeric path component, as in
 ``model.layers.3.mlp.up_proj.weight``).
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import FrozenSet, List, Optional, Tuple
+from typing import FrozenSet, Optional
 
 _REPEATED_BLOCK = re.compile(r"(^|\.)\d+\.")
 
@@ -27,13 +29,15 @@ def is_selected(
     if select == "all":
         return True
     if select == "linear":
-        in_layer = (
-            name in layer_names
-            if layer_names is not None
-            else bool(_REPEATED_BLOCK.search(name))
-        )
-        return ndim == 2 and vocabulary_axis is None and in_layer
+        return ndim >= 2 and vocabulary_axis is None and in_layers(name, layer_names)
     return re.search(select, name) is not None
+
+
+def in_layers(name: str, layer_names: Optional[FrozenSet[str]]) -> bool:
+    """Inside the repeated blocks (layer_names None: by the naming convention)."""
+    if layer_names is not None:
+        return name in layer_names
+    return bool(_REPEATED_BLOCK.search(name))
 
 
 def _architecture(model):
@@ -66,26 +70,3 @@ def layer_weight_names(model) -> Optional[FrozenSet[str]]:
                 names.add(weight.name)
                 names.update(weight.aliases or ())
     return frozenset(names)
-
-
-def output_weights(model) -> List[Tuple[str, Tuple[str, ...], Optional[int], bool]]:
-    """(name, other names to load it by, vocabulary_axis, optional) of every weight.
-
-    The weights mergekit plans for a model of ``model``'s architecture; without
-    an architecture definition, the tensors in the model's files.
-    """
-    from mergekit.io.tasks import LoaderCache
-
-    arch = _architecture(model)
-    if arch is None:
-        names = LoaderCache().get(model).index.tensor_paths
-        return [(name, (), None, False) for name in sorted(names)]
-    return [
-        (
-            w.name,
-            tuple(w.aliases or ()) + tuple(w.tied_names or ()),
-            w.vocabulary_axis,
-            w.optional,
-        )
-        for w in arch.all_weights()
-    ]

@@ -127,13 +127,32 @@ def test_failed_merge_writes_no_report(family, tmp_path):
     assert not (tmp_path / "out" / "awd_report.json").exists()
 
 
-def test_quiet_is_read_from_mergekit_yaml_command_line(monkeypatch):
-    from mergekit_awd import cli_context
+def test_report_for_every_way_of_running_a_merge(family, tmp_path):
+    """python -m mergekit.scripts.run_yaml, run_merge in-process, and --quiet."""
+    config = recipe(family["base"], family["fts"], steps=100)
+    path = write_recipe(tmp_path, config)
+    out = tmp_path / "module"
+    proc = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(out),
+                           "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_report(out / "awd_report.json", 3)
+    assert "## Adaptive Weight Disentanglement" in (out / "README.md").read_text()
+    assert "awd report:" in proc.stderr and "awd Gram pass" in proc.stderr
 
-    for argv, quiet in ((["mergekit-yaml", "r.yml", "out", "--quiet"], True),
-                        (["mergekit-yaml", "r.yml", "out"], False)):
-        monkeypatch.setattr(sys, "argv", argv)
-        cli_context.mergekit_yaml_params.cache_clear()
-        assert cli_context.quiet() is quiet
-        assert cli_context.out_path() == "out"
-    cli_context.mergekit_yaml_params.cache_clear()
+    code = (
+        "import sys, yaml\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.merge import run_merge\n"
+        "from mergekit.options import MergeOptions\n"
+        "config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))\n"
+        "run_merge(config, sys.argv[2], MergeOptions(copy_tokenizer=False, quiet=True))\n"
+        "import os; print('report' if os.path.exists(sys.argv[2] + '/awd_report.json') else 'none')\n"
+    )
+    out = tmp_path / "api"
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["report"]  # written when run_merge returns, not at exit
+    check_report(out / "awd_report.json", 3)
+    # quiet: no progress bar of the Gram pass, no summary line
+    assert "awd Gram pass" not in proc.stderr and "awd report:" not in proc.stderr

@@ -149,55 +149,95 @@ def test_slices_recipes(family, tmp_path):
     mergekit_yaml(recipe(family["base"], family["fts"], **PARAMS), tmp_path / "models")
     assert ((tmp_path / "slices" / "model.safetensors").read_bytes()
             == (tmp_path / "models" / "model.safetensors").read_bytes())
-    # layers from another position: refused under scope global, merged under scope tensor
-    proc = mergekit_yaml(slices_recipe(family, [1, 2], steps=10), tmp_path / "moved", check=False)
-    assert proc.returncode != 0 and "Use scope: tensor for such recipes" in proc.stderr
-    mergekit_yaml(slices_recipe(family, [1, 2], steps=10, scope="tensor"), tmp_path / "moved_t")
-    merged = reference.load(str(tmp_path / "moved_t"))
-    assert "model.layers.0.mlp.up_proj.weight" in merged and "model.layers.1.mlp.up_proj.weight" not in merged
+    # layers from another position: both scopes merge what the slice maps there
+    # (the global Gram pass runs mergekit's own planned inputs, not tensors by name)
+    moved = moved_layers(family, tmp_path / "moved_inputs", source_layer=1)
+    for scope in ("global", "tensor"):
+        out = tmp_path / f"moved_{scope}"
+        mergekit_yaml(slices_recipe(family, [1, 2], scope=scope, **PARAMS), out)
+        merged = reference.load(str(out))
+        assert "model.layers.1.mlp.up_proj.weight" not in merged
+        expected, base = reference.merge(moved["base"], moved["fts"], scope=scope, **PARAMS)
+        assert_matches(out, expected, base)
 
 
-def test_global_gram_pass_runs_once_under_concurrent_kernels(family, monkeypatch):
-    """mergekit's --multi-gpu executor runs kernels on several threads."""
-    from mergekit.common import ModelReference
+def moved_layers(family, folder, source_layer):
+    """Each input with layer ``source_layer`` renamed to layer 0 and the other layers dropped."""
+    from safetensors.torch import save_file
+
+    paths = {"fts": []}
+    for i, path in enumerate([family["base"], *family["fts"]]):
+        state = {}
+        for name, tensor in reference.load(path).items():
+            if ".layers." not in name:
+                state[name] = tensor
+            elif f".layers.{source_layer}." in name:
+                state[name.replace(f".layers.{source_layer}.", ".layers.0.")] = tensor
+        target = folder / f"m{i}"
+        target.mkdir(parents=True)
+        save_file(state, str(target / "model.safetensors"))
+        if i == 0:
+            paths["base"] = str(target)
+        else:
+            paths["fts"].append(str(target))
+    return paths
+
+
+def plan(config, out_path):
+    """mergekit's own plan of a recipe (what run_merge executes)."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
     from mergekit.io.tasks import LoaderCache
-    from mergekit.merge_methods import TensorGroup, get
+    from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
 
     import mergekit_awd  # noqa: F401
-    from mergekit_awd import global_scope
 
-    LoaderCache().setup(MergeOptions())
+    config = MergeConfiguration.model_validate(config)
+    options = MergeOptions()
+    LoaderCache().setup(options)
+    arch = get_architecture_info(config, options)
+    return MergePlanner(config, arch, options, _model_out_config(config, arch)).plan_to_disk(out_path)
+
+
+def test_global_gram_pass_runs_once_under_concurrent_kernels(family, tmp_path, monkeypatch):
+    """mergekit's --multi-gpu executor: one Executor per device, on threads, over one task
+    universe (as MultiGPUExecutor._device_worker does, here on CPU threads)."""
+    from mergekit.graph import Executor, TaskUniverse
+    from mergekit.io.tasks import SaveTensor
+
+    from mergekit_awd import scope
+
     calls = []
-    real = global_scope.gram_pass
+    real = scope.collect_tasks
 
     def counting(*args, **kwargs):
         calls.append(threading.get_ident())
         time.sleep(0.2)  # widen the race window
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(global_scope, "gram_pass", counting)
-    refs = [ModelReference.model_validate(p) for p in [family["base"], *family["fts"]]]
-    base_state = reference.load(family["base"])
-    names = [k for k in base_state if reference.paper_selected(k, base_state[k])]
-    states = [reference.load(p) for p in [family["base"], *family["fts"]]]
-    method = get("awd")
-    params = dict(steps=50, weight={r: 1.0 for r in refs[1:]})
+    monkeypatch.setattr(scope, "collect_tasks", counting)
+    targets = plan(recipe(family["base"], family["fts"], steps=50), str(tmp_path / "unused"))
+    universe = TaskUniverse(targets)
+    handles = [universe.get_handle(t.tensor_task) for t in targets if isinstance(t, SaveTensor)]
     results = {}
 
-    def merge(name):
-        group = TensorGroup.from_tensors([s[name] for s in states], ids=refs, base_index=0, name=name)
-        (results[name],) = method([group], parameters=params)
+    def device_worker(part):
+        executor = Executor(part, math_device="cpu", storage_device="cpu")
+        for handle, value in executor._run(quiet=True):
+            results[handle.task().output_weight.name] = value
 
-    threads = [threading.Thread(target=merge, args=(n,)) for n in names]
+    threads = [threading.Thread(target=device_worker, args=(handles[i::3],)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and len(results) == len(names)
+    assert len(calls) == 1 and len(results) == len(handles)
     expected, base = reference.merge(family["base"], family["fts"], steps=50)
-    for name in names:
-        err = (results[name].double() - expected[name]).norm() / (expected[name] - base[name]).norm()
+    assert set(results) == set(expected)
+    for name, ref in expected.items():
+        err = (results[name].double() - ref).norm() / (ref - base[name]).norm()
         assert err < 1e-5, name
 
 
