@@ -25,6 +25,8 @@ import time
 import torch
 import yaml
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
 SIZES = {
     # hidden, intermediate, layers, vocab -> about this many parameters
     "25m": (512, 1408, 7, 4096),
@@ -34,7 +36,7 @@ SIZES = {
 
 
 def family(cache: str, size: str, k: int, shard: str = None):
-    from mergekit_awd.synthetic import make_family, tiny_llama_config
+    from synthetic import make_family, tiny_llama_config
 
     hidden, inter, layers, vocab = SIZES[size]
     root = os.path.join(cache, f"llama-{size}-k{k}" + (f"-shard{shard}" if shard else ""))
@@ -128,7 +130,6 @@ def solver_cost(paths, naive_steps: int, small: int):
 
     from mergekit_awd import solver
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     import reference
 
     base = load_file(os.path.join(paths["base"], "model.safetensors"))

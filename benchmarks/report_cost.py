@@ -55,18 +55,16 @@ def in_process(args):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_awd import cli, cli_context
+    from mergekit_awd import cli
 
     with open(args.recipe) as f:
         config = MergeConfiguration.model_validate(yaml.safe_load(f))
     options = MergeOptions(quiet=True, copy_tokenizer=False)
-    cli_context.set_options(quiet=True)
     report, merge = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             def do_report():
-                base, models, weights, params = cli._settings(config)
-                cli.analyze(cli._gram(options, base, models, params), base, models, weights, params)
+                cli.analyze(cli._collect(config, options))
 
             def do_merge():
                 run_merge(config.model_copy(deep=True), os.path.join(tmp, f"out{r}"), options)

@@ -132,9 +132,7 @@ class AWDMerge(GroupMergeMethod):
         collecting = scope.COLLECTING.get()
         if collecting is not None:  # a Gram pass: record, do not merge
             if selected:
-                taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
-                _check_finite(name, group, taus)
-                collecting.add(name, model_ids, s, taus)
+                collecting.add(name, model_ids, s, _task_vectors(name, group, dtype))
             return base
         executor = None
         if state is None:
@@ -151,20 +149,23 @@ class AWDMerge(GroupMergeMethod):
         else:
             result = self._disentangled(group, name, model_ids, s, state, executor, dtype)
         if not torch.isfinite(result).all():
-            _raise_nonfinite(name, group)
+            if not _identical(group):
+                _raise_nonfinite(name, group)
+            return base  # e.g. a -inf mask buffer, the same in every input
         return result.to(base.dtype)
 
     def _others(self, group: TensorGroup, s: Settings) -> torch.Tensor:
         """Tensors not disentangled: the base, or mergekit's own method."""
         if s.others == "base":
-            if not all(torch.isfinite(t).all() for t in group.tensors):
+            if not all(torch.isfinite(t).all() for t in group.tensors) and not _identical(group):
                 _raise_nonfinite(group.metadata.name, group)
             return group.base.tensor
         return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s)
 
     def _disentangled(self, group, name, model_ids, s: Settings, state, executor, dtype):
+        """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
         base = group.base.tensor.to(dtype)
-        taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
+        taus = _task_vectors(name, group, dtype)
         if s.scope == "global" and state is not None:
             solved = state.global_solution(lambda: self._gram_pass(executor, state, s))
             w, delta = solved.delta_for(name)
@@ -175,16 +176,8 @@ class AWDMerge(GroupMergeMethod):
             if state is not None:
                 H = scope.disentangled(G, solution, [taus])
                 state.log.add(model_ids, s, [name], G, H, solution, taus[0].numel())
-        W, scale = sum(s.weights), _scale(s)
-        weights = torch.tensor(s.weights, dtype=torch.float64)
         if self.combine_with == "task_arithmetic":
-            if w is not None:  # delta = sum_k w_k tau_k: one combination of the taus
-                coeffs = scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
-                return combine(base, taus, coeffs, 1.0)
-            merged = combine(base, taus, weights, scale)
-            if delta is not None:
-                merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta - scale * W)
-            return merged
+            return awd_task_arithmetic(base, taus, w, delta, s)
         if w is not None:
             delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
         if delta is not None:
@@ -220,6 +213,23 @@ class AWDMerge(GroupMergeMethod):
                              base_index=0, dtype=dtype)
 
 
+def awd_task_arithmetic(base, taus, w, delta, s: Settings) -> torch.Tensor:
+    """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta.
+
+    Under sgd delta = sum_k w_k tau_k, so this is one combination of the taus
+    with coefficients scale * weight_k + (keep_delta - scale * W) * w_k.
+    """
+    W, scale = sum(s.weights), _scale(s)
+    weights = torch.tensor(s.weights, dtype=torch.float64)
+    if w is not None:
+        coeffs = scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
+        return combine(base, taus, coeffs, 1.0)
+    merged = combine(base, taus, weights, scale)
+    if delta is not None:
+        merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta - scale * W)
+    return merged
+
+
 def combine(base, taus, coeffs, scale: float) -> torch.Tensor:
     """base + scale * sum_k coeffs_k * tau_k (taus stacked along dim 0)."""
     c = (coeffs * scale).to(device=taus.device, dtype=taus.dtype)
@@ -238,9 +248,23 @@ def _device_type(group: TensorGroup) -> str:
     return group.entries[0].tensor.device.type if group.entries else "cpu"
 
 
-def _check_finite(name, group, taus) -> None:
+def _task_vectors(name: str, group: TensorGroup, dtype) -> torch.Tensor:
+    """tau_k = input_k - base (K x shape); 0 where an input equals the base exactly,
+    also where both are infinite (a -inf mask buffer); NaN/Inf anywhere else refused."""
+    base = group.base.tensor
+    tensors = [e.tensor for e in group.non_base]
+    taus = solver.task_vectors(base, tensors, dtype)
     if not torch.isfinite(taus).all():
-        _raise_nonfinite(name, group)
+        for k, tensor in enumerate(tensors):
+            taus[k].masked_fill_(tensor == base, 0.0)
+        if not torch.isfinite(taus).all():
+            _raise_nonfinite(name, group)
+    return taus
+
+
+def _identical(group: TensorGroup) -> bool:
+    base = group.base.tensor
+    return all(torch.equal(e.tensor, base) for e in group.non_base)
 
 
 def _raise_nonfinite(name: str, group: TensorGroup) -> None:
@@ -278,12 +302,12 @@ def _refuse_unknown_parameters(spec: MergeMethodSpec, config) -> None:
     if config is None or getattr(config, "merge_method", None) != spec.name:
         return
     given = {}
-    for where, values in _parameter_blocks(config, "recipe"):
+    for where, values in _parameter_blocks(config):
         given.setdefault(where, []).extend(values or {})
     params.check_known(spec.name, (p.name for p in spec.parameters), given)
 
 
-def _parameter_blocks(node, where):
+def _parameter_blocks(node, path: str = ""):
     """(place, parameters dict) of every `parameters:` block in a mergekit config."""
     from pydantic import BaseModel
 
@@ -291,12 +315,14 @@ def _parameter_blocks(node, where):
         for key in type(node).model_fields:
             value = getattr(node, key)
             if key == "parameters" and isinstance(value, dict):
-                yield f"{where} parameters", value
+                model = getattr(node, "model", None)
+                yield (f"the parameters of {model}" if model is not None
+                       else f"{path}.parameters" if path else "parameters"), value
             elif value is not None:
-                yield from _parameter_blocks(value, f"{where}.{key}" if where != "recipe" else key)
+                yield from _parameter_blocks(value, f"{path}.{key}" if path else key)
     elif isinstance(node, (list, tuple)):
         for i, item in enumerate(node):
-            yield from _parameter_blocks(item, f"{where}[{i}]")
+            yield from _parameter_blocks(item, f"{path}[{i}]")
     elif isinstance(node, dict):
         for key, item in node.items():
-            yield from _parameter_blocks(item, f"{where}.{key}")
+            yield from _parameter_blocks(item, f"{path}.{key}")

@@ -45,6 +45,7 @@ def summarize(
     weights = [float(x) for x in weights]
     W = sum(weights)
     delta_norm = math.sqrt(max(delta_sq, 0.0))
+    shared = delta_cosine_with_mean(G, H_after, delta_sq)
     coefficients = None
     if w is not None:
         coefficients = [wt - W * float(wk) for wt, wk in zip(weights, w)]
@@ -62,10 +63,43 @@ def summarize(
         "mean_abs_cosine_after": solver.mean_abs_offdiag(cos_after, M),
         "delta_norm": delta_norm,
         "delta_norm_relative": delta_norm / s if s > 0 else 0.0,
+        "delta_cosine_with_mean_task_vector": shared,
+        "advice": advice(shared),
         "w": None if w is None else [float(x) for x in w],
         "coefficients": coefficients,
         "loss": [float(x) for x in losses],
     }
+
+
+# delta this close to the mean task vector means the fine-tunes share one component
+# (a held-out benchmark with a shared instruct stage measured 0.86)
+SHARED_STAGE_COSINE = 0.8
+
+
+def delta_cosine_with_mean(G: np.ndarray, H: np.ndarray, delta_sq: float) -> float:
+    """cos(delta, mean_k tau_k), from G, the disentangled inner products H and ||delta||^2.
+
+    H_ii = G_ii - 2 <tau_i, delta> + ||delta||^2 gives <tau_i, delta>; sums over
+    several solves stay inner products of the concatenated vectors.
+    """
+    K = G.shape[0]
+    p = (np.diag(G) - np.diag(H) + delta_sq) / 2.0
+    mean_sq = float(G.sum()) / (K * K)
+    if delta_sq <= 0 or mean_sq <= 0:
+        return 0.0
+    return float(np.mean(p) / math.sqrt(delta_sq * mean_sq))
+
+
+def advice(cosine: float) -> Optional[str]:
+    """What the numbers suggest, in one sentence (None: nothing to say)."""
+    if cosine < SHARED_STAGE_COSINE:
+        return None
+    return (
+        f"delta is close to the mean task vector (cos {cosine:.2f}): the fine-tunes "
+        f"likely share a stage (instruction tuning, continued pretraining) that AWD "
+        f"removes from every model. If that shared part is knowledge to keep, try "
+        f"keep_delta: 1, or merge with the shared checkpoint as base_model."
+    )
 
 
 def coefficient_kind(report: Dict) -> str:
@@ -94,6 +128,8 @@ def table(report: Dict) -> str:
         f"{report['delta_norm_relative']:.4f}   loss {loss[0]:.4g} -> {loss[-1]:.4g} "
         f"({len(loss) - 1} steps, {report['scope_tensors']} tensors)"
     )
+    if report.get("advice"):
+        lines.insert(-1, f"note: {report['advice']}")
     return "\n".join(lines)
 
 
@@ -170,7 +206,7 @@ before, {report['mean_abs_cosine_after']:.4f} after disentangling;
 ||delta|| / RMS ||tau|| = {report['delta_norm_relative']:.4f} over
 {report['scope_tensors']} tensors ({report['scope_parameters']:,} parameters).
 Solver loss {report['loss'][0]:.4g} -> {report['loss'][-1]:.4g}.
-
+{("" if not report.get("advice") else chr(10) + "Note: " + report["advice"] + chr(10))}
 | model | weight | norm of task vector | coefficient (weight - W w_k) |
 |---|---:|---:|---:|
 {rows}

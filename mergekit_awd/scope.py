@@ -36,7 +36,7 @@ from mergekit_awd.params import (
     AWDParameterError,
     Settings,
 )
-from mergekit_awd.selection import in_layers, is_selected, layer_weight_names
+from mergekit_awd.selection import in_layers, layer_weight_names
 
 LOG = logging.getLogger(__name__)
 

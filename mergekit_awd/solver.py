@@ -1,6 +1,6 @@
 """AWD's objective and solvers, as pure math on plain tensors (no mergekit, no I/O).
 
-Notation follows the paper (Xiong et al., arXiv 2411.18729) and DESIGN.md:
+Notation follows the paper (Xiong et al., arXiv 2411.18729) and docs/design.md:
 tau_k are the task vectors (the K rows of T), delta is the redundant vector,
 the disentangled vectors are tau_k - delta, and
 
@@ -70,7 +70,7 @@ def raw_hyperparameters(
     s: float,
     numel: int,
 ) -> tuple:
-    """Convert (alpha, lr) to raw units (DESIGN.md §2, "Scale").
+    """Convert (alpha, lr) to raw units (docs/design.md, "Units").
 
     cos is scale invariant but ||delta|| and the plain-GD step are not:
     alpha_raw = alpha_rel / s, lr_raw(sgd) = lr_rel * s^2, and for Adam, whose
@@ -175,15 +175,20 @@ class Solution:
     delta: Optional[List[torch.Tensor]] = None
 
 
+# Below this many tasks a step in plain Python floats beats numpy's per-call
+# overhead on K x K arrays (measured: 2.7x at K = 4, even at K = 8).
+PYTHON_STEPS_MAX_K = 7
+
+
 def sgd_gram(G, alpha: float, lr: float, steps: int) -> Solution:
     """Algorithm 1 (plain GD on delta from delta^0 = 0) solved exactly in R^K.
 
     grad_delta L = T^T g with g = -2 (r - w * sum(r)) + alpha * w / ||delta||,
     so the full-space step delta <- delta - lr * grad equals w <- w - lr * g.
     No least-squares step is needed, so a singular G (identical or zero task
-    vectors) is harmless. numpy float64: a step is ~20 tiny ops, and numpy's
-    per-op overhead is a third of torch's, which matters with one solve per
-    tensor (`scope: tensor`): ~20 us a step for K = 4.
+    vectors) is harmless. A step is O(K^2) arithmetic on tiny arrays, so its
+    cost is interpreter overhead: plain Python floats for small K (~8 us a
+    step at K = 4), numpy above (one solve per tensor under `scope: tensor`).
     """
     G = _as_numpy(G)
     K = G.shape[0]
@@ -192,6 +197,21 @@ def sgd_gram(G, alpha: float, lr: float, steps: int) -> Solution:
     if active.sum() < 2:
         return Solution(alpha, lr, steps, [objective_gram(G, w, alpha)[0]] * (steps + 1), w=w)
     M = pair_weights(active)
+    run = _steps_python if K <= PYTHON_STEPS_MAX_K else _steps_numpy
+    w, losses = run(G, M, alpha, lr, steps)
+    if not np.isfinite(w).all():
+        step = next((i for i, L in enumerate(losses) if not math.isfinite(L)), steps)
+        raise SolverDiverged(
+            f"awd's plain gradient descent diverged (step {step} of {steps}): "
+            f"lower lr, or use units: relative (the default)"
+        )
+    losses.append(objective_gram(G, w, alpha)[0])
+    return Solution(alpha, lr, steps, losses, w=w)
+
+
+def _steps_numpy(G: np.ndarray, M: np.ndarray, alpha: float, lr: float, steps: int):
+    """``steps`` plain-GD steps from w = 0: (w, L at steps 0 .. steps-1)."""
+    w = np.zeros(G.shape[0])
     losses = []
     with np.errstate(all="ignore"):
         for _ in range(steps):
@@ -206,14 +226,48 @@ def sgd_gram(G, alpha: float, lr: float, steps: int) -> Solution:
             g = w * (2.0 * float(r.sum()) + (alpha / norm if norm > 0 else 0.0))
             g -= 2.0 * r
             w = w - lr * g
-    if not np.isfinite(w).all():
-        step = next((i for i, L in enumerate(losses) if not math.isfinite(L)), steps)
-        raise SolverDiverged(
-            f"awd's plain gradient descent diverged (step {step} of {steps}): "
-            f"lower lr, or use units: relative (the default)"
-        )
-    losses.append(objective_gram(G, w, alpha)[0])
-    return Solution(alpha, lr, steps, losses, w=w)
+    return w, losses
+
+
+def _steps_python(G: np.ndarray, M: np.ndarray, alpha: float, lr: float, steps: int):
+    """The same steps as ``_steps_numpy`` on Python floats (see _orthogonality_terms).
+
+    H_ij = G_ij - (Gw)_i - (Gw)_j + q, C_ij = H_ij / (n_i n_j); for each weighted
+    pair, A_i += m sign(C_ij) / n_j and B_i += m |C_ij|, so r_i = A_i / n_i - B_i / n_i^2
+    and L_O = sum_i B_i.
+    """
+    K = G.shape[0]
+    rows = G.tolist()
+    diag = [rows[i][i] for i in range(K)]
+    pairs = [(i, j, float(M[i, j]), rows[i][j]) for i in range(K) for j in range(K) if M[i, j]]
+    sqrt = math.sqrt
+    w = [0.0] * K
+    losses = []
+    for _ in range(steps):
+        Gw = [sum([a * b for a, b in zip(row, w)]) for row in rows]
+        q = sum([a * b for a, b in zip(w, Gw)])
+        if q < 0.0:
+            q = 0.0
+        inv = []
+        for d, gw in zip(diag, Gw):
+            d = d - 2.0 * gw + q
+            inv.append(1.0 / sqrt(d) if d > 0.0 else 0.0)
+        A = [0.0] * K
+        B = [0.0] * K
+        for i, j, m, g in pairs:
+            c = (g - Gw[i] - Gw[j] + q) * inv[i] * inv[j]
+            if c > 0.0:
+                A[i] += m * inv[j]
+                B[i] += m * c
+            elif c < 0.0:
+                A[i] -= m * inv[j]
+                B[i] -= m * c
+        r = [n * a - n * n * b for n, a, b in zip(inv, A, B)]
+        norm = sqrt(q)
+        losses.append(sum(B) + alpha * norm)
+        f = 2.0 * sum(r) + (alpha / norm if norm > 0.0 else 0.0)
+        w = [wk - lr * (wk * f - 2.0 * rk) for wk, rk in zip(w, r)]
+    return np.array(w), losses
 
 
 def _as_numpy(G) -> np.ndarray:

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """A tiny Llama base and three correlated fine-tunes (float32)."""
-    from mergekit_awd.synthetic import make_family
+    from synthetic import make_family
 
     return make_family(str(tmp_path_factory.mktemp("family")), n_models=3,
                        shared=0.02, noise=0.01, seed=0)

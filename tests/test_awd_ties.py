@@ -63,13 +63,20 @@ def test_kernel_matches_mergekit_sparsify_and_get_mask(name, method, normalize, 
 
 
 def test_awd_ties_through_mergekit_yaml(family, tmp_path):
-    config = recipe(family["base"], family["fts"], steps=100)
+    """The YAML path equals mergekit's own sparsify + get_mask on tau_i - delta."""
+    config = recipe(family["base"], family["fts"], steps=100, alpha=0.01, scope="tensor")
     config["merge_method"] = "awd_ties"
     for m in config["models"]:
         m["parameters"] = {"weight": 1.0, "density": 0.5}
     mergekit_yaml(config, tmp_path / "out")
     merged = reference.load(str(tmp_path / "out"))
-    _, base = reference.merge(family["base"], family["fts"], steps=0)
-    delta = merged[NAME].double() - base[NAME]
-    # sparsified and sign-elected: some entries untouched, all finite
-    assert torch.isfinite(delta).all() and (delta == 0).float().mean() > 0.05
+    base = reference.load(family["base"])[NAME]
+    fts = [reference.load(p)[NAME] for p in family["fts"]]
+    want = expected(base, fts, SparsificationMethod.magnitude, [1.0] * 3, [0.5] * 3, 1.0,
+                    normalize=True, rescale=False, steps=100)
+    torch.testing.assert_close(merged[NAME], want, rtol=1e-5, atol=1e-6)
+    # and not plain TIES on the raw task vectors
+    group = TensorGroup.from_tensors([base, *fts], ids=["base", "a", "b", "c"], base_index=0,
+                                     name=NAME)
+    (plain,) = get("ties")([group], parameters={"weight": 1.0, "density": 0.5})
+    assert (merged[NAME] - plain).abs().max() > 1e-4

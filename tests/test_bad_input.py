@@ -89,7 +89,7 @@ def test_inf_in_base_under_others_base(family, tmp_path):
 
 
 def test_shape_mismatch_names_the_model(family, tmp_path):
-    from mergekit_awd.synthetic import make_family, tiny_llama_config
+    from synthetic import make_family, tiny_llama_config
 
     other = make_family(str(tmp_path / "other"), config=tiny_llama_config(intermediate_size=48), n_models=1)
     fts = [family["fts"][0], other["fts"][0]]
@@ -113,13 +113,12 @@ def test_zero_and_identical_task_vectors_merge_finite(family, tmp_path):
         mergekit_yaml(recipe(family["base"], fts, steps=200, scope=scope), out)
         merged = reference.load(str(out))
         assert all(torch.isfinite(t).all() for t in merged.values())
-        expected, base = reference.merge(family["base"], fts[:2], steps=200, scope=scope)
-        # two identical fine-tunes and a zero task vector: cos stays 1 for the twins,
-        # so delta only shrinks toward 0 through alpha; the merge stays near TA
-        name = "model.layers.0.mlp.up_proj.weight"
-        ta_delta = 2 * (reference.load(fts[0])[name].double() - base[name])
-        got_delta = merged[name].double() - base[name]
-        assert (got_delta - ta_delta).norm() < 0.5 * ta_delta.norm()
+        # two identical fine-tunes and a zero task vector (left out of the orthogonality
+        # loss, it still receives -delta): the naive solver, treating them the same way
+        expected, base = reference.merge(family["base"], fts, steps=200, scope=scope)
+        for name, ref in expected.items():
+            err, allowed = reference.merge_error_allowed(merged[name], ref, base[name])
+            assert err <= allowed, (name, err, allowed)
 
 
 def test_single_model_is_task_arithmetic_with_a_warning(family, tmp_path):

@@ -122,9 +122,23 @@ def test_every_awd_merge_leaves_report_and_card_section(family, tmp_path):
 
 
 def test_failed_merge_writes_no_report(family, tmp_path):
-    proc = mergekit_yaml(recipe(family["base"], family["fts"], alpha=-1), tmp_path / "out", check=False)
-    assert proc.returncode != 0
+    """A merge that fails after the global solve (NaN in a tensor merged later): the
+    solve is recorded, but the model is unfinished, so no report is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(family["fts"][1], bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.norm.weight"][0] = float("nan")  # merged last
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    fts = [family["fts"][0], str(bad), family["fts"][2]]
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=10), tmp_path / "out", check=False)
+    assert proc.returncode != 0 and "model.norm.weight contains NaN" in proc.stderr
+    assert "awd Gram pass" in proc.stderr  # the solve ran before the failure
     assert not (tmp_path / "out" / "awd_report.json").exists()
+    assert not (tmp_path / "out" / "config.json").exists()
 
 
 def test_report_for_every_way_of_running_a_merge(family, tmp_path):

@@ -22,7 +22,8 @@ def test_example_models_merge_with_the_shipped_recipe(tmp_path):
     from safetensors.torch import load_file
     base = load_file(os.path.join(paths["base"], "model.safetensors"))
     ft = load_file(os.path.join(paths["add"], "model.safetensors"))
-    assert (ft["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]).abs().max() > 0
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (ft[name] - base[name]).norm() > 1e-3 * base[name].norm()
 
     with open(os.path.join(ROOT, "example_configs", "tiny-awd.yml")) as f:
         text = f.read().replace("./example_models/tiny-llama", str(models))
@@ -42,6 +43,17 @@ def test_example_models_merge_with_the_shipped_recipe(tmp_path):
     ids = tok("<s>R|abc>", return_tensors="pt", add_special_tokens=False).input_ids
     assert ids[0].tolist() == [1] + examples.encode("R|abc>")
     assert torch.isfinite(model(ids).logits).all()
+    # the merged weights are the shipped recipe's AWD merge of these fine-tunes
+    import reference
+
+    p = config["parameters"]
+    expected, base_state = reference.merge(paths["base"], [paths[t] for t in examples.TASKS],
+                                           lam=p["lambda"], alpha=p["alpha"], lr=p["lr"],
+                                           steps=p["steps"])
+    merged = reference.load(str(out))
+    for key, ref in expected.items():
+        err = (merged[key].double() - ref).norm() / (ref - base_state[key]).norm()
+        assert err < 1e-5, key
     scores = examples.accuracy(str(out), n=3)
     assert set(scores) == set(examples.TASKS)
-    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in scores.values())  # n = 3 prompts

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import reference
 from conftest import mergekit_yaml, recipe
-from mergekit_awd.synthetic import make_family
+from synthetic import make_family
 
 PARAMS = dict(alpha=0.01, lr=0.005, steps=200)
 
@@ -111,16 +111,19 @@ def test_interrupted_merge_leaves_no_model_and_rerun_succeeds(family, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     out = tmp_path / "out"
     proc = subprocess.Popen([exe, str(path), str(out), "--no-copy-tokenizer"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and proc.poll() is None):
-        time.sleep(0.2)
-    time.sleep(3)  # inside the (long) solve
-    assert proc.poll() is None, "the merge finished before it could be interrupted"
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # interrupt once the Gram pass is over, i.e. inside the (minutes-long) solve:
+    # the pass's progress bar reaching 100% says so, no timing involved
+    seen = b""
+    while b"awd Gram pass: 100%" not in seen:
+        chunk = proc.stderr.read1(4096)
+        assert chunk, f"the merge ended before its solve:\n{seen[-3000:].decode()}"
+        seen += chunk
+    assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "Aborted!" in err  # click's answer to SIGINT
+    assert "Aborted!" in err.decode()  # click's answer to SIGINT
     assert not (out / "config.json").exists()
     mergekit_yaml(recipe(family["base"], family["fts"], **PARAMS), out)
     expected, base = reference.merge(family["base"], family["fts"], **PARAMS)

@@ -89,7 +89,7 @@ def test_merged_model_loads_and_gives_finite_logits(family, tmp_path):
 
 
 def test_bf16_inputs_compute_in_float32_and_keep_bf16_output(tmp_path):
-    from mergekit_awd.synthetic import make_family
+    from synthetic import make_family
 
     fam = make_family(str(tmp_path / "bf16"), n_models=3, shared=0.02, noise=0.01,
                       dtype=torch.bfloat16, seed=3)

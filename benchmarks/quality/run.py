@@ -255,18 +255,15 @@ def run_regime(regime, work, log):
 
 def awd_report(regime, ft, work):
     """Cosine matrices before/after (global sgd at the default alpha), as the report command."""
-    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
     from mergekit_awd import cli, report
 
-    base = ModelReference.model_validate(merge_base(work))
-    models = [ModelReference.model_validate(d) for d in ft.values()]
-    from mergekit.merge_methods import get
-
-    spec = get("awd").spec
-    p = {x.name: x.validate(x.default) for x in spec.shared_parameters}
-    rep = cli.analyze(cli._gram(MergeOptions(), base, models, p), base, models, [1.0] * len(models), p)
+    config = MergeConfiguration.model_validate({
+        "merge_method": "awd", "base_model": merge_base(work),
+        "models": [{"model": d} for d in ft.values()]})
+    rep = cli.analyze(cli._collect(config, MergeOptions(quiet=True)))
     rep["models"] = list(ft)
     report.write(rep, work, prefix=f"awd-{regime}")
     return {k: rep[k] for k in ("cosine_before", "cosine_after", "mean_abs_cosine_before",
