@@ -51,7 +51,7 @@ def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collect
     # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
     planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
     tasks = [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
-    collected, _ = scope.collect_tasks(
+    collected = scope.collect_tasks(
         config.merge_method, tasks, options.device, "cpu",
         quiet=options.quiet,
     )

@@ -104,7 +104,7 @@ class AWDMerge(GroupMergeMethod):
             state = scope.MergeState()
             if any(p["scope"] == "global" for p in parameters):
                 state.global_solution(
-                    lambda: (scope.collect_groups(self, groups, parameters, input_dtypes), {})
+                    lambda: scope.collect_groups(self, groups, parameters, input_dtypes)
                 )
         results = []
         for group, p, dtype in zip(groups, parameters, input_dtypes):

@@ -137,32 +137,24 @@ def collect_groups(method, groups, parameters, input_dtypes) -> Collected:
 
 
 def collect_tasks(method_name: str, tasks, math_device, storage_device,
-                  quiet: bool) -> Tuple[Collected, Dict[str, str]]:
+                  quiet: bool) -> Collected:
     """A Gram pass over planned tasks: mergekit executes them, the kernel records.
 
     Only tasks whose tensor can be selected are run (by name first; the kernel
-    decides with the loaded tensor). A stored tensor reached by two output names
-    (tied embeddings) is read once; the second name maps to the first.
+    decides with the loaded tensor). Each stored tensor is read once: mergekit's
+    planner skips an optional tied weight (a tied lm_head) that no input stores.
     """
     from mergekit.graph import Executor
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
-    chosen, aliases, seen = [], {}, {}
-    for task in tasks:
-        if not isinstance(task, ExecuteMergeMethodTask) or task.method_name != method_name:
-            continue
-        weight = task.output_weight
-        if not _may_select(task.parameters["select"], weight, task.base_model):
-            continue
-        key = _source_key(task)
-        if key in seen:
-            aliases[weight.name] = seen[key]
-            continue
-        seen[key] = weight.name
-        chosen.append(task)
+    chosen = [
+        task for task in tasks
+        if isinstance(task, ExecuteMergeMethodTask) and task.method_name == method_name
+        and _may_select(task.parameters["select"], task.output_weight, task.base_model)
+    ]
     collected = Collected()
     if not chosen:
-        return collected, aliases
+        return collected
     token = COLLECTING.set(collected)
     try:
         executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
@@ -170,7 +162,7 @@ def collect_tasks(method_name: str, tasks, math_device, storage_device,
             pass
     finally:
         COLLECTING.reset(token)
-    return collected, aliases
+    return collected
 
 
 def _may_select(select: str, weight, base_model) -> bool:
@@ -181,22 +173,6 @@ def _may_select(select: str, weight, base_model) -> bool:
             weight.name, layer_weight_names(base_model)
         )
     return re.search(select, weight.name) is not None
-
-
-def _source_key(task) -> Tuple:
-    """Which stored tensor of each input a task reads (aliases and tied names resolved)."""
-    from mergekit.io.tasks import GatherTensors, LoaderCache
-
-    gather = task.gather_tensors
-    while not isinstance(gather, GatherTensors) and hasattr(gather, "gather_tensors"):
-        gather = gather.gather_tensors
-    if not isinstance(gather, GatherTensors):
-        return (task.output_weight.name,)
-    key = []
-    for load in gather.arguments().values():
-        stored = load._resolve_name(LoaderCache().get(load.model)) or load.tensor
-        key.append((str(load.model), stored))
-    return tuple(sorted(key))
 
 
 def solve(G: np.ndarray, numel: int, s: Settings, taus: List[torch.Tensor],
@@ -229,17 +205,15 @@ class GlobalSolution:
     solution: solver.Solution
     names: set
     delta: Dict[str, torch.Tensor]
-    aliases: Dict[str, str]
 
     def delta_for(self, name: str) -> Tuple[Optional[np.ndarray], Optional[torch.Tensor]]:
-        source = self.aliases.get(name, name)
-        if source not in self.names:
+        if name not in self.names:
             raise AWDInputError(
                 f"tensor {name} is selected for awd but was not read by the scope: "
                 f"global Gram pass (an optional weight missing from some input?); "
                 f"exclude it with a 'select' regular expression"
             )
-        return self.solution.w, self.delta.get(source)
+        return self.solution.w, self.delta.get(name)
 
 
 class MergeState:
@@ -267,16 +241,15 @@ class MergeState:
                 raise AWDInputError(f"the scope: global solve failed earlier: {self.error}")
             if self.solved is None:
                 try:
-                    collected, aliases = solve_scope()
-                    self.solved = self._solve(collected, aliases)
+                    self.solved = self._solve(solve_scope())
                 except BaseException as error:
                     self.error = error
                     raise
             return self.solved
 
-    def _solve(self, collected: Collected, aliases: Dict[str, str]) -> GlobalSolution:
+    def _solve(self, collected: Collected) -> GlobalSolution:
         if collected.settings is None:
-            return GlobalSolution(solver.Solution(0, 0, 0, [0.0], w=None), set(), {}, aliases)
+            return GlobalSolution(solver.Solution(0, 0, 0, [0.0], w=None), set(), {})
         s = collected.settings
         taus = [t.taus for t in collected.tensors if t.taus is not None]
         G, numel = collected.G, collected.numel
@@ -286,7 +259,7 @@ class MergeState:
         self.log.add(collected.models, s, names, G, disentangled(G, solution, taus),
                      solution, numel)
         LOG.info("awd (scope: global): %d parameters; %s", numel, self.log.summary_line())
-        return GlobalSolution(solution, set(names), delta, aliases)
+        return GlobalSolution(solution, set(names), delta)
 
     def finish(self) -> List[str]:
         """Write the report (and the model-card section) of a merge that completed."""

@@ -85,6 +85,16 @@ def test_tied_embeddings_counted_once(matrix, family, tmp_path):
     assert scope_parameters(out) == selected_numel(paths["base"], family, "all")
 
 
+# buffers that are -inf in every input (GPT-NeoX's masked_bias in float16) are kept,
+# not refused as NaN/Inf, and add nothing to delta
+def test_infinite_buffer_identical_in_every_input(matrix):
+    outcome = matrix.run(Cell("gpt-neox", {"storage": "fp16", "select": "all"}), 450)
+    assert outcome.status == "pass", outcome.detail
+    paths = matrix.family("gpt-neox", "fp16")
+    stored = conformance.stored_tensors(paths["base"])
+    assert torch.isinf(stored["gpt_neox.layers.0.attention.masked_bias"]).all()
+
+
 # 4. mergekit's in-memory API under the default scope (it has no model references)
 def test_merge_state_dicts_default_scope(matrix):
     outcome = matrix.run(Cell("qwen2", {}, "state_dicts"), 400)
