@@ -72,18 +72,23 @@ def recipe(paths, method, per_model=None, **parameters):
     return config
 
 
-def measure(config, workdir: str, name: str):
-    """Wall seconds and peak RSS (MiB) of one `mergekit-yaml` run."""
+def measure(config, workdir: str, name: str, pythonpath: str = None):
+    """Wall seconds and peak RSS (MiB) of one `mergekit-yaml` run (``pythonpath``: the
+    mergekit_awd to import, e.g. a checkout of an earlier commit)."""
     path = os.path.join(workdir, f"{name}.yml")
     out = os.path.join(workdir, f"out-{name}")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     start = time.perf_counter()
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
         [exe, path, out, "--quiet", "--no-copy-tokenizer", "--no-write-model-card"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -94,20 +99,26 @@ def measure(config, workdir: str, name: str):
     return wall, usage.ru_maxrss / 1024
 
 
-def merge_cost(paths, rounds: int, ties: bool = False):
+def merge_cost(paths, rounds: int, ties: bool = False, before: str = None):
     variants = {
         "task_arithmetic": recipe(paths, "task_arithmetic"),
         **({"ties": recipe(paths, "ties", {"density": 0.2})} if ties else {}),
         "awd_global": recipe(paths, "awd", steps=1000, scope="global"),
         "awd_tensor": recipe(paths, "awd", steps=1000, scope="tensor"),
     }
+    code = {}
+    if before:
+        for name in ("awd_global", "awd_tensor"):
+            variants[f"{name} (before)"] = variants[name]
+            code[f"{name} (before)"] = before
     results = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as workdir:
         measure(variants["task_arithmetic"], workdir, "warmup")  # page cache
         for r in range(rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
-                results[name].append(measure(variants[name], workdir, name))
+                results[name].append(measure(variants[name], workdir, name.replace(" ", "_"),
+                                             code.get(name)))
     rows = []
     for name, runs in results.items():
         ratios_t = [w / results["task_arithmetic"][i][0] for i, (w, _) in enumerate(runs)]
@@ -179,6 +190,8 @@ def main():
     parser.add_argument("--skip-solver", action="store_true")
     parser.add_argument("--ties", action="store_true", help="also time mergekit's ties")
     parser.add_argument("--shard", default=None, help="max shard size of the inputs, e.g. 500MB")
+    parser.add_argument("--before", default=None,
+                        help="a checkout of an earlier mergekit-awd: its awd runs side by side")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -191,7 +204,7 @@ def main():
         print(f"\n## mergekit-yaml, {args.rounds} alternating rounds (medians)\n")
         print("| method | wall s | peak RSS MiB | wall / TA | RSS / TA |")
         print("|---|---:|---:|---:|---:|")
-        for name, wall, rss, rt, rm in merge_cost(paths, args.rounds, args.ties):
+        for name, wall, rss, rt, rm in merge_cost(paths, args.rounds, args.ties, args.before):
             print(f"| {name} | {wall:.2f} | {rss:.0f} | {rt:.2f}x | {rm:.2f}x |")
     if args.skip_solver:
         return

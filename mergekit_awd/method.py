@@ -17,9 +17,11 @@ through mergekit's own TIES / DARE-TIES instead of plain task arithmetic.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from mergekit.merge_methods.base import (
@@ -132,7 +134,8 @@ class AWDMerge(GroupMergeMethod):
         collecting = scope.COLLECTING.get()
         if collecting is not None:  # a Gram pass: record, do not merge
             if selected:
-                collecting.add(name, model_ids, s, _task_vectors(name, group, dtype))
+                taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
+                collecting.add(name, model_ids, s, taus, _gram(name, group, taus))
             return base
         executor = None
         if state is None:
@@ -148,41 +151,41 @@ class AWDMerge(GroupMergeMethod):
             result = self._others(group, s)
         else:
             result = self._disentangled(group, name, model_ids, s, state, executor, dtype)
-        if not torch.isfinite(result).all():
-            if not _identical(group):
-                _raise_nonfinite(name, group)
-            return base  # e.g. a -inf mask buffer, the same in every input
-        return result.to(base.dtype)
+        return _settle_nonfinite(name, group, result).to(base.dtype)
 
     def _others(self, group: TensorGroup, s: Settings) -> torch.Tensor:
         """Tensors not disentangled: the base, or mergekit's own method."""
-        if s.others == "base":
-            if not all(torch.isfinite(t).all() for t in group.tensors) and not _identical(group):
-                _raise_nonfinite(group.metadata.name, group)
+        if s.others == "base":  # the fine-tunes are not used, but NaN/Inf in them refused
+            for entry in group.non_base:
+                if not _finite(entry.tensor):
+                    _settle_nonfinite(group.metadata.name, group, entry.tensor)
             return group.base.tensor
         return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s)
 
     def _disentangled(self, group, name, model_ids, s: Settings, state, executor, dtype):
         """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
         base = group.base.tensor.to(dtype)
-        taus = _task_vectors(name, group, dtype)
+        taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
         if s.scope == "global" and state is not None:
             solved = state.global_solution(lambda: self._gram_pass(executor, state, s))
             w, delta = solved.delta_for(name)
-        else:
-            G = solver.gram(taus).cpu().numpy()
-            solution = scope.solve(G, taus[0].numel(), s, [taus])
-            w, delta = solution.w, solution.delta[0] if solution.delta is not None else None
-            if state is not None:
-                H = scope.disentangled(G, solution, [taus])
-                state.log.add(model_ids, s, [name], G, H, solution, taus[0].numel())
+            return self._combine(base, taus, w, delta, s)
+        G = _gram(name, group, taus)
+        solution = scope.solve(G, taus[0].numel(), s, [taus])
+        w, delta = solution.w, solution.delta[0] if solution.delta is not None else None
+        if state is not None:
+            H = scope.disentangled(G, solution, [taus])
+            state.log.add(model_ids, s, [name], G, H, solution, taus[0].numel())
+        return self._combine(base, taus, w, delta, s)
+
+    def _combine(self, base, taus, w, delta, s: Settings) -> torch.Tensor:
+        """base + the (TIES-/DARE-) combination of tau_k - delta (+ keep_delta * delta)."""
         if self.combine_with == "task_arithmetic":
             return awd_task_arithmetic(base, taus, w, delta, s)
         if w is not None:
             delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
-        if delta is not None:
-            taus.sub_(delta.to(taus.device, taus.dtype))
-        merged = base + self._mergekit(torch.zeros_like(base), list(taus.unbind(0)), s)
+        hat = taus - delta.to(taus.device, taus.dtype) if delta is not None else taus
+        merged = base + self._mergekit(torch.zeros_like(base), list(hat.unbind(0)), s)
         if delta is not None and s.keep_delta:
             merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
         return merged
@@ -248,23 +251,44 @@ def _device_type(group: TensorGroup) -> str:
     return group.entries[0].tensor.device.type if group.entries else "cpu"
 
 
-def _task_vectors(name: str, group: TensorGroup, dtype) -> torch.Tensor:
-    """tau_k = input_k - base (K x shape); 0 where an input equals the base exactly,
-    also where both are infinite (a -inf mask buffer); NaN/Inf anywhere else refused."""
-    base = group.base.tensor
-    tensors = [e.tensor for e in group.non_base]
-    taus = solver.task_vectors(base, tensors, dtype)
-    if not torch.isfinite(taus).all():
-        for k, tensor in enumerate(tensors):
-            taus[k].masked_fill_(tensor == base, 0.0)
-        if not torch.isfinite(taus).all():
+def _gram(name: str, group: TensorGroup, taus: torch.Tensor) -> np.ndarray:
+    """G of the task vectors; NaN/Inf in an input is refused, naming it (a non-finite
+    G is the cheap sign of it), unless the inputs agree there (a -inf mask buffer)."""
+    G = solver.gram(taus).cpu().numpy()
+    if not np.isfinite(G).all():
+        if not _repair(group, taus):
             _raise_nonfinite(name, group)
-    return taus
+        G = solver.gram(taus).cpu().numpy()
+    return G
 
 
-def _identical(group: TensorGroup) -> bool:
+def _repair(group: TensorGroup, taus: torch.Tensor) -> bool:
+    """tau_k = 0 where input k equals the base exactly (also both -inf); finite now?"""
     base = group.base.tensor
-    return all(torch.equal(e.tensor, base) for e in group.non_base)
+    for k, entry in enumerate(group.non_base):
+        taus[k].masked_fill_(entry.tensor == base, 0.0)
+    return bool(torch.isfinite(taus).all())
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """All entries finite (one summing pass; the exact check only if the sum is not)."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _settle_nonfinite(name: str, group: TensorGroup, result: torch.Tensor) -> torch.Tensor:
+    """NaN/Inf: kept where every input holds the same value (a -inf mask buffer, as
+    GPT-NeoX's float16 checkpoints have), refused anywhere else, naming the input."""
+    if _finite(result):
+        return result
+    base = group.base.tensor
+    odd = ~torch.isfinite(base)
+    for entry in group.non_base:
+        odd |= ~torch.isfinite(entry.tensor)
+    agreed = all(torch.equal(e.tensor[odd], base[odd]) for e in group.non_base)
+    result = torch.where(odd, base.to(result.dtype), result)
+    if not agreed or not torch.isfinite(result[~odd]).all():
+        _raise_nonfinite(name, group)
+    return result
 
 
 def _raise_nonfinite(name: str, group: TensorGroup) -> None:

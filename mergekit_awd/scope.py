@@ -61,7 +61,8 @@ class Collected:
     keep_taus: bool = False
     max_gb: float = float("inf")
 
-    def add(self, name: str, model_ids: Tuple, settings: Settings, taus: torch.Tensor):
+    def add(self, name: str, model_ids: Tuple, settings: Settings, taus: torch.Tensor,
+            G: np.ndarray):
         if self.settings is None:
             self.models, self.settings = model_ids, settings
             self.keep_taus = settings.optimizer == "adam" and settings.steps > 0
@@ -75,7 +76,6 @@ class Collected:
             )
         elif settings.solver_key() != self.settings.solver_key():
             _raise_inconsistent(name, self.settings, settings)
-        G = solver.gram(taus).cpu().numpy()
         self.tensors.append(
             TensorRecord(name, G, taus[0].numel(), taus if self.keep_taus else None)
         )

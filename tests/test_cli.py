@@ -46,11 +46,20 @@ def check_report(path, K):
     return rep
 
 
-def check_png(path):
-    import matplotlib.image
+def check_svg(path, K=None):
+    """A well-formed SVG; the heatmap has 2 K x K cells, each with its value."""
+    import xml.etree.ElementTree as ET
 
-    image = matplotlib.image.imread(str(path))
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    root = ET.parse(str(path)).getroot()
+    assert root.tag.endswith("svg") and float(root.get("width")) > 100
+    ns = "{http://www.w3.org/2000/svg}"
+    if K is not None:
+        cells = root.findall(f"{ns}rect")[1:]
+        assert len(cells) == 2 * K * K
+        values = [t.text for t in root.findall(f"{ns}text") if t.text and t.text[-3:-2] == "."]
+        assert values[:K * K:K + 1] == ["1.00"] * K  # the diagonal of the "before" heatmap
+    else:
+        assert root.find(f"{ns}polyline") is not None
 
 
 def test_report_writes_json_and_pictures_and_no_model(family, tmp_path):
@@ -58,9 +67,9 @@ def test_report_writes_json_and_pictures_and_no_model(family, tmp_path):
     proc = cli("report", path, "--out", tmp_path / "rep")
     assert "mean |cos|" in proc.stdout
     rep = check_report(tmp_path / "rep" / "awd_report.json", 3)
-    check_png(tmp_path / "rep" / "awd_cosine.png")
-    check_png(tmp_path / "rep" / "awd_loss.png")
-    assert sorted(os.listdir(tmp_path / "rep")) == ["awd_cosine.png", "awd_loss.png", "awd_report.json"]
+    check_svg(tmp_path / "rep" / "awd_cosine.svg", 3)
+    check_svg(tmp_path / "rep" / "awd_loss.svg")
+    assert sorted(os.listdir(tmp_path / "rep")) == ["awd_cosine.svg", "awd_loss.svg", "awd_report.json"]
     # the same numbers as the naive solver over the same tensors
     base = reference.load(family["base"])
     fts = [reference.load(p) for p in family["fts"]]
@@ -115,9 +124,9 @@ def test_every_awd_merge_leaves_report_and_card_section(family, tmp_path):
             proc = cli("merge", write_recipe(tmp_path, config), out, "--no-copy-tokenizer")
         assert "mean |cos|" in proc.stderr
         check_report(out / "awd_report.json", 3)
-        check_png(out / "awd_cosine.png")
+        check_svg(out / "awd_cosine.svg", 3)
         card = (out / "README.md").read_text()
-        assert "## Adaptive Weight Disentanglement" in card and "awd_cosine.png" in card
+        assert "## Adaptive Weight Disentanglement" in card and "awd_cosine.svg" in card
         assert "mergekit" in card  # mergekit's own card is kept
 
 
