@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for size in 25m 100m; do
   for k in 4 8; do
-    python benchmarks/merge_cost.py --size "$size" --k "$k" --rounds 3 --ties --skip-solver
+    python benchmarks/merge_cost.py --size "$size" --k "$k" --rounds 5 --ties --skip-solver
   done
 done
 for k in 4 8; do

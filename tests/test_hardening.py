@@ -273,3 +273,24 @@ def test_cuda_merge_agrees_with_cpu(family, tmp_path):
         mergekit_yaml(config, tmp_path / f"gpu_{scope}", "--cuda")
         expected, base = reference.merge(family["base"], family["fts"], scope=scope, **PARAMS)
         assert_matches(tmp_path / f"gpu_{scope}", expected, base)
+
+
+def test_slices_with_other_models_per_slice(family, tmp_path):
+    """One delta needs one set of fine-tunes: refused under scope global, merged per
+    tensor under scope tensor."""
+    base, (a, b, c) = family["base"], family["fts"]
+    slices = [{"sources": [{"model": m, "layer_range": [0, 1]} for m in (base, a, b)]},
+              {"sources": [{"model": m, "layer_range": [1, 2]} for m in (base, b, c)]}]
+    config = {"merge_method": "awd", "base_model": base, "slices": slices,
+              "parameters": dict(PARAMS)}
+    proc = mergekit_yaml(config, tmp_path / "global", check=False)
+    assert proc.returncode != 0
+    assert "solves one delta over the fine-tunes" in proc.stderr and "Use scope: tensor" in proc.stderr
+    assert not (tmp_path / "global" / "config.json").exists()
+    config["parameters"]["scope"] = "tensor"
+    mergekit_yaml(config, tmp_path / "tensor")
+    merged = reference.load(str(tmp_path / "tensor"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected, base_state = reference.merge(base, [b, c], scope="tensor", **PARAMS)
+    err, allowed = reference.merge_error_allowed(merged[name], expected[name], base_state[name])
+    assert err <= allowed
