@@ -167,7 +167,7 @@ class AWDMerge(GroupMergeMethod):
         base = group.base.tensor.to(dtype)
         taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
         if s.scope == "global" and state is not None:
-            solved = state.global_solution(lambda: self._gram_pass(executor, state, s))
+            solved = state.global_solution(lambda: self._gram_pass(executor, state))
             w, delta = solved.delta_for(name)
             return self._combine(base, taus, w, delta, s)
         G = _gram(name, group, taus)
@@ -190,7 +190,7 @@ class AWDMerge(GroupMergeMethod):
             merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
         return merged
 
-    def _gram_pass(self, executor, state, s: Settings):
+    def _gram_pass(self, executor, state):
         return scope.collect_tasks(
             self.spec.name,
             executor.universe.tasks,

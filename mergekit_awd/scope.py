@@ -175,11 +175,10 @@ def _may_select(select: str, weight, base_model) -> bool:
     return re.search(select, weight.name) is not None
 
 
-def solve(G: np.ndarray, numel: int, s: Settings, taus: List[torch.Tensor],
-          alpha: Optional[float] = None) -> solver.Solution:
+def solve(G: np.ndarray, numel: int, s: Settings, taus: List[torch.Tensor]) -> solver.Solution:
     """Run the chosen optimizer in the chosen units on one scope's Gram matrix."""
     alpha_raw, lr = solver.raw_hyperparameters(
-        s.alpha if alpha is None else alpha,
+        s.alpha,
         s.lr,
         units=s.units,
         optimizer=s.optimizer,
