@@ -26,7 +26,6 @@ import torch
 
 from mergekit.merge_methods.base import (
     BasePolicy,
-    BatchOptions,
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
@@ -93,31 +92,28 @@ class AWDMerge(GroupMergeMethod):
     # -- execution --------------------------------------------------------------
 
     def merge_group(self, group: TensorGroup, /, **p: Any) -> torch.Tensor:
-        """One group alone (a direct call): it is the whole scope."""
-        return self._execute((group,), [p], BatchOptions(), input_dtypes=[None])[0]
+        """One group, as mergekit hands it over (already in its dtype)."""
+        return self.merge_aligned(group, p, scope.IN_MEMORY.get())
 
     def _execute(self, groups, parameters: List[dict], options, *, input_dtypes,
                  out_dtype=None):
-        from mergekit.merge_methods.dtype import align_dtype
-
-        state = None
-        if running.current_task() is None:
-            # mergekit's in-memory API: these groups are the whole merge
-            state = scope.MergeState()
-            if any(p["scope"] == "global" for p in parameters):
-                state.global_solution(
-                    lambda: scope.collect_groups(self, groups, parameters, input_dtypes)
-                )
-        results = []
-        for group, p, dtype in zip(groups, parameters, input_dtypes):
-            group = align_dtype(group, dtype)
-            with torch.autocast(device_type=_device_type(group), enabled=False):
-                result = self.merge_aligned(group, p, state)
-            results.append(result.to(out_dtype) if out_dtype is not None else result)
-            del group, result
-        if state is not None:
-            state.finish()
-        return tuple(results)
+        """mergekit's own loop over the groups; with its in-memory API (no planned
+        task running) the groups handed over are the whole merge, solved first."""
+        if running.current_task() is not None:
+            return super()._execute(groups, parameters, options,
+                                    input_dtypes=input_dtypes, out_dtype=out_dtype)
+        state = scope.MergeState()
+        if any(p["scope"] == "global" for p in parameters):
+            state.global_solution(lambda: scope.collect(lambda: super(AWDMerge, self)._execute(
+                groups, parameters, options, input_dtypes=input_dtypes)))
+        token = scope.IN_MEMORY.set(state)
+        try:
+            results = super()._execute(groups, parameters, options,
+                                       input_dtypes=input_dtypes, out_dtype=out_dtype)
+        finally:
+            scope.IN_MEMORY.reset(token)
+        state.finish()
+        return results
 
     def merge_aligned(self, group: TensorGroup, p: dict,
                       state: Optional[scope.MergeState]) -> torch.Tensor:
@@ -130,13 +126,13 @@ class AWDMerge(GroupMergeMethod):
         s = Settings.of(p, model_ids)
         selected = is_selected(s.select, name, base.ndim, group.metadata.vocabulary_axis,
                                layer_weight_names(group.base.id))
-        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        dtype = _compute_dtype(base)
         collecting = scope.COLLECTING.get()
         if collecting is not None:  # a Gram pass: record, do not merge
             if selected:
                 taus = solver.task_vectors(base, [e.tensor for e in entries], dtype)
                 collecting.add(name, model_ids, s, taus, _gram(name, group, taus))
-            return base
+            return base.new_zeros(()).expand(base.shape)  # a placeholder: no memory
         executor = None
         if state is None:
             state, executor = scope.state_of_running_merge()
@@ -211,9 +207,8 @@ class AWDMerge(GroupMergeMethod):
         if self.combine_with != "task_arithmetic":
             parameters.update(density=list(s.densities), rescale=s.rescale,
                               int8_mask=s.int8_mask)
-        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         return merge_tensors([base, *tensors], self.combine_with, parameters=parameters,
-                             base_index=0, dtype=dtype)
+                             base_index=0, dtype=_compute_dtype(base))
 
 
 def awd_task_arithmetic(base, taus, w, delta, s: Settings) -> torch.Tensor:
@@ -247,8 +242,9 @@ def _scale(s: Settings) -> float:
     return s.lam
 
 
-def _device_type(group: TensorGroup) -> str:
-    return group.entries[0].tensor.device.type if group.entries else "cpu"
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 at least (float64 stays float64), whatever the inputs' dtype."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _gram(name: str, group: TensorGroup, taus: torch.Tensor) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Reading a scope's task vectors and solving it: one way, for every entry point.
 
-A *Gram pass* feeds the kernel's own inputs to a ``Collector`` instead of
-merging them: under ``mergekit-yaml``/``run_merge`` it executes mergekit's own
+A *Gram pass* feeds the kernel's own inputs to a ``Collected`` record instead
+of merging them: under ``mergekit-yaml``/``run_merge`` it executes mergekit's own
 planned tasks for the selected tensors (``ExecuteMergeMethodTask``: loading,
 checkpoint-layout conversion, LoRA, ``dtype:`` casts, tokenizer permutation,
 dtype promotion), so the solve sees exactly the tensors the kernel will merge.
@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -58,15 +59,17 @@ class Collected:
     models: Tuple = ()
     settings: Optional[Settings] = None
     tensors: List[TensorRecord] = field(default_factory=list)
-    keep_taus: bool = False
-    max_gb: float = float("inf")
+
+    @property
+    def keep_taus(self) -> bool:
+        """Adam runs in full space: it needs the task vectors themselves."""
+        return self.settings is not None and self.settings.optimizer == "adam" and (
+            self.settings.steps > 0)
 
     def add(self, name: str, model_ids: Tuple, settings: Settings, taus: torch.Tensor,
             G: np.ndarray):
         if self.settings is None:
             self.models, self.settings = model_ids, settings
-            self.keep_taus = settings.optimizer == "adam" and settings.steps > 0
-            self.max_gb = settings.adam_max_gb
         elif model_ids != self.models:
             raise AWDInputError(
                 f"awd with scope: global solves one delta over the fine-tunes "
@@ -81,11 +84,11 @@ class Collected:
         )
         if self.keep_taus:
             needed = (len(model_ids) + 4) * self.numel * taus.element_size() / 2**30
-            if needed > self.max_gb:
+            if needed > settings.adam_max_gb:
                 raise AWDParameterError(
                     f"optimizer: adam with scope: global keeps all selected task "
                     f"vectors and Adam's state in memory: {needed:.1f} GB so far, "
-                    f"over adam_max_gb={self.max_gb:g}. Use optimizer: sgd (exact "
+                    f"over adam_max_gb={settings.adam_max_gb:g}. Use optimizer: sgd (exact "
                     f"Algorithm 1, no such memory), scope: tensor, or raise "
                     f"adam_max_gb."
                 )
@@ -121,16 +124,18 @@ def _raise_inconsistent(name: str, first: Settings, now: Settings) -> None:
 # its inputs here instead of merging them.
 COLLECTING: ContextVar[Optional[Collected]] = ContextVar("awd_collecting", default=None)
 
+# The state of an in-memory merge (mergekit's merge_state_dicts / merge_tensors),
+# set around mergekit's loop over its groups.
+IN_MEMORY: ContextVar[Optional["MergeState"]] = ContextVar("awd_in_memory", default=None)
 
-def collect_groups(method, groups, parameters, input_dtypes) -> Collected:
-    """A Gram pass over in-memory groups (mergekit's ``merge_state_dicts``)."""
-    from mergekit.merge_methods.dtype import align_dtype
 
+def collect(run) -> Collected:
+    """Run mergekit's execution of the kernel (``run()``) as a Gram pass: the kernel
+    records each selected tensor's inputs instead of merging them."""
     collected = Collected()
     token = COLLECTING.set(collected)
     try:
-        for group, p, dtype in zip(groups, parameters, input_dtypes):
-            method.merge_aligned(align_dtype(group, dtype), p, None)
+        run()
     finally:
         COLLECTING.reset(token)
     return collected
@@ -152,17 +157,10 @@ def collect_tasks(method_name: str, tasks, math_device, storage_device,
         if isinstance(task, ExecuteMergeMethodTask) and task.method_name == method_name
         and _may_select(task.parameters["select"], task.output_weight, task.base_model)
     ]
-    collected = Collected()
     if not chosen:
-        return collected
-    token = COLLECTING.set(collected)
-    try:
-        executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
-        for _ in executor.run(quiet=quiet, desc="awd Gram pass"):
-            pass
-    finally:
-        COLLECTING.reset(token)
-    return collected
+        return Collected()
+    executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
+    return collect(lambda: deque(executor.run(quiet=quiet, desc="awd Gram pass"), maxlen=0))
 
 
 def _may_select(select: str, weight, base_model) -> bool:
