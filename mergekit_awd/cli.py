@@ -51,6 +51,12 @@ def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collect
     # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
     planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
     tasks = [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
+    if not tasks:
+        raise click.UsageError(
+            "mergekit planned no tensor at all for this recipe (it would write a model "
+            "with no weights): mergekit has no definition of this architecture and "
+            "none of the weight names it inferred is in the checkpoints"
+        )
     collected = scope.collect_tasks(
         config.merge_method, tasks, options.device, "cpu",
         quiet=options.quiet,

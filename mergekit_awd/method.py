@@ -33,7 +33,7 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from mergekit_awd import params, running, scope, solver
+from mergekit_awd import params, report, running, scope, solver
 from mergekit_awd.params import AWDInputError, Settings
 from mergekit_awd.selection import is_selected, layer_weight_names
 
@@ -143,6 +143,12 @@ class AWDMerge(GroupMergeMethod):
                 "nothing to disentangle (delta = 0), so this is task arithmetic. "
                 "AWD needs two or more fine-tuned models.",
             )
+            run = state.run
+            explicit = (_set_in_recipe("lambda", run.config) if run and run.config
+                        else s.lam != 1.0)
+            warning = report.lambda_warning(self.spec.name, s.lam, s.weights,
+                                            s.normalize, explicit)
+            state.warn_once_if(warning is not None, warning)
         if not selected:
             result = self._others(group, s)
         else:
@@ -325,6 +331,11 @@ def _refuse_unknown_parameters(spec: MergeMethodSpec, config) -> None:
     for where, values in _parameter_blocks(config):
         given.setdefault(where, []).extend(values or {})
     params.check_known(spec.name, (p.name for p in spec.parameters), given)
+
+
+def _set_in_recipe(name: str, config) -> bool:
+    """Whether any `parameters:` block of the recipe sets ``name``."""
+    return any(name in (values or {}) for _, values in _parameter_blocks(config))
 
 
 def _parameter_blocks(node, path: str = ""):

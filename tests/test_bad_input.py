@@ -128,3 +128,26 @@ def test_single_model_is_task_arithmetic_with_a_warning(family, tmp_path):
     expected, _ = reference.merge(family["base"], family["fts"][:1], steps=0)
     for name, value in expected.items():
         torch.testing.assert_close(merged[name].double(), value, rtol=1e-6, atol=1e-7)
+
+
+def test_default_lambda_with_many_task_vectors_warns_once_with_a_value(family, tmp_path):
+    fts = family["fts"]  # three task vectors summed at the default lambda 1
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=10), tmp_path / "out")
+    line = "lambda is 1 (the default, as in mergekit's task_arithmetic)"
+    assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
+    assert "Set 'lambda: 0.5'" in proc.stderr  # LAMBDA_TOTAL / sum(weights) = 1.5 / 3
+    # set in the recipe (even to 1): the user chose it, no warning
+    proc = mergekit_yaml(recipe(family["base"], fts, steps=10, **{"lambda": 1.0}),
+                         tmp_path / "out2")
+    assert line not in proc.stderr
+
+
+def test_lambda_warning_conditions():
+    from mergekit_awd.report import lambda_warning
+
+    assert lambda_warning("awd", 1.0, [1, 1, 1, 1], False, explicit=False)
+    assert lambda_warning("awd", 1.0, [1, 1, 1, 1], False, explicit=True) is None
+    assert lambda_warning("awd", 1.0, [1, 1, 1, 1], True, explicit=False) is None  # normalize
+    assert lambda_warning("awd", 1.0, [1, 1], False, explicit=False) is None  # two: TA's sum
+    assert lambda_warning("awd", 0.3, [1] * 8, False, explicit=False) is None  # total 2.4
+    assert "lambda: 0.19" in lambda_warning("awd_dare_ties", 1.0, [1] * 8, False, False)

@@ -179,3 +179,25 @@ def test_report_for_every_way_of_running_a_merge(family, tmp_path):
     check_report(out / "awd_report.json", 3)
     # quiet: no progress bar of the Gram pass, no summary line
     assert "awd Gram pass" not in proc.stderr and "awd report:" not in proc.stderr
+
+
+def test_report_refuses_a_recipe_mergekit_plans_no_tensor_for(tmp_path):
+    # a bare encoder under an architecture mergekit has no definition of: mergekit
+    # infers causal-LM weight names (bert.*) that the checkpoint does not have
+    from transformers import BertConfig, BertModel
+
+    paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16))
+        path = tmp_path / f"m{i}"
+        model.save_pretrained(path)
+        config = json.loads((path / "config.json").read_text())
+        config["architectures"] = ["UnknownBertEncoder"]
+        (path / "config.json").write_text(json.dumps(config))
+        paths.append(str(path))
+    proc = cli("report", write_recipe(tmp_path, recipe(paths[0], paths[1:])), check=False)
+    assert proc.returncode != 0
+    assert "mergekit planned no tensor at all for this recipe" in proc.stderr, proc.stderr[-2000:]

@@ -29,9 +29,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import tasks as T  # noqa: E402
 
-torch.set_num_threads(os.cpu_count() or 1)
+# BENCH_THREADS: run two benchmarks side by side on a small machine (1 thread each)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 ALPHAS = [0.001, 0.01, 0.1]
+KEEP_DELTA = [0.0, 1.0, 2.0]
 
 
 def base_dir():
@@ -49,12 +51,32 @@ MERGE_ARCH = "AWDBenchBertEncoder"
 
 def mergeable(model, out):
     model.save_pretrained(out)
+    prefixed(out)
     path = os.path.join(out, "config.json")  # save_pretrained rewrites architectures
     with open(path) as f:
         config = json.load(f)
     config["architectures"] = [MERGE_ARCH]
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
+
+
+def prefixed(folder):
+    """Weights stored as `bert.*` (idempotent), as mergekit's inference names them.
+
+    With no JSON architecture, mergekit 0.1.5 infers the weights by building the
+    model as a causal LM (BertLMHeadModel: `bert.embeddings...`), all optional;
+    a bare encoder's `embeddings...` then matches none of them, and mergekit
+    writes a folder with no weights at all, without an error. transformers loads
+    the prefixed file as a BertModel all the same (it strips `bert.`).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    if all(k.startswith("bert.") for k in tensors):
+        return
+    save_file({f"bert.{k}": v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
 
 
 def merge_base(work):
@@ -64,6 +86,7 @@ def merge_base(work):
     out = os.path.join(work, "base")
     if not os.path.exists(os.path.join(out, "config.json")):
         mergeable(AutoModel.from_pretrained(base_dir()), out)
+    prefixed(out)
     return out
 
 
@@ -102,6 +125,7 @@ def finetune(task, regime, work, steps=80, lr=1e-4, seed=0):
 
     out = os.path.join(work, f"ft-{regime}", task)
     if os.path.exists(os.path.join(out, "head.pt")):
+        prefixed(out)
         return out
     torch.manual_seed(seed)
     model = AutoModel.from_pretrained(base_dir())
@@ -180,6 +204,8 @@ def merge(method, ft_dirs, out, work, **parameters):
     run_merge(MergeConfiguration.model_validate(config), out,
               MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
                            random_seed=0))
+    if not any(f.endswith(".safetensors") for f in os.listdir(out)):
+        raise RuntimeError(f"mergekit wrote no weights to {out}")
     return out
 
 
@@ -200,6 +226,11 @@ METHODS = {
                         {"lambda": [0.2, 0.5]}),
     "AWD-TIES": ("awd_ties", {"density": 0.2}, {"lambda": LAMBDAS}),
     "AWD-DARE-TIES": ("awd_dare_ties", {"density": 0.5}, {"lambda": LAMBDAS}),
+    # keep_delta: add the redundant vector back once (0 = the paper, in the rows above)
+    "AWD global sgd + keep_delta": ("awd", {"scope": "global"},
+                                    {"lambda": LAMBDAS, "keep_delta": KEEP_DELTA}),
+    "AWD-TIES + keep_delta": ("awd_ties", {"density": 0.2},
+                              {"lambda": LAMBDAS, "keep_delta": KEEP_DELTA}),
 }
 
 
@@ -218,7 +249,7 @@ def normalized(acc, individual):
     return statistics.mean(acc[t] / individual[t] for t in acc)
 
 
-def run_regime(regime, work, log):
+def run_regime(regime, work, log, methods=None, extras=True):
     ft = {t: finetune(t, regime, work) for t in T.TASKS}
     ev = Evaluator(ft)
     res = {"individual": {}, "pretrained": {}, "methods": {}}
@@ -228,6 +259,8 @@ def run_regime(regime, work, log):
     res["pretrained"] = ev(base_dir(), "test")
     res["cosines"] = awd_report(regime, ft, work)
     for name, (method, fixed, grid) in METHODS.items():
+        if methods and name not in methods:
+            continue
         start = time.perf_counter()
         tried = []
         for setting in settings(grid):
@@ -242,14 +275,23 @@ def run_regime(regime, work, log):
             "test_mean": statistics.mean(test.values()),
             "test_normalized": normalized(test, res["individual"]),
         }
-        if name in ("task arithmetic", "TIES", "AWD global sgd", "AWD tensor sgd"):
+        if "keep_delta" in grid:  # the best lambda (on validation) for each keep_delta
+            res["methods"][name]["by_keep_delta"] = {}
+            for kd in grid["keep_delta"]:
+                v, s, o = max((x for x in tried if x[1]["keep_delta"] == kd),
+                              key=lambda x: x[0])
+                res["methods"][name]["by_keep_delta"][str(kd)] = {
+                    "lambda": s["lambda"], "val_normalized": v,
+                    "test_normalized": normalized(ev(o, "test"), res["individual"])}
+        if extras and name in ("task arithmetic", "TIES", "AWD global sgd", "AWD tensor sgd"):
             res["methods"][name]["by_lambda"] = {
                 str(s["lambda"]): normalized(ev(o, "test"), res["individual"])
                 for v, s, o in tried
                 if all(s.get(k) == best.get(k) for k in s if k != "lambda")}
         log(f"[{regime}] {name}: {best} test normalized "
             f"{res['methods'][name]['test_normalized']:.4f} ({time.perf_counter() - start:.0f}s)")
-    res["by_tasks"] = by_number_of_tasks(regime, ft, ev, res, work)
+    if extras:
+        res["by_tasks"] = by_number_of_tasks(regime, ft, ev, res, work)
     return res
 
 
@@ -296,7 +338,12 @@ def main():
     parser.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "awd-quality"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "docs"))
     parser.add_argument("--regimes", default="independent,correlated")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated method names (default: all); with a subset, "
+                             "no per-lambda test curves or task-count study")
+    parser.add_argument("--results", default="results.json")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -305,8 +352,9 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     results = {}
     for regime in args.regimes.split(","):
-        results[regime] = run_regime(regime, args.work, lambda m: print(m, flush=True))
-    with open(os.path.join(args.work, "results.json"), "w") as f:
+        results[regime] = run_regime(regime, args.work, lambda m: print(m, flush=True),
+                                     methods, extras=not methods)
+    with open(os.path.join(args.work, args.results), "w") as f:
         json.dump(results, f, indent=1)
     print(json.dumps({r: {m: v["test_normalized"] for m, v in res["methods"].items()}
                       for r, res in results.items()}, indent=1))
