@@ -91,11 +91,12 @@ def delta_cosine_with_mean(G: np.ndarray, H: np.ndarray, delta_sq: float) -> flo
 
 
 # With K task vectors summed (normalize: false), the lambda chosen on validation in
-# every regime of both quality benchmarks (README, "When AWD helps") put the total
-# lambda * sum(weights) between about LAMBDA_TOTAL_RANGE; mergekit's default
-# lambda 1 puts it at K.
-LAMBDA_TOTAL_RANGE = (0.8, 2.4)
-LAMBDA_TOTAL = 1.5
+# the quality benchmarks (README, "When AWD helps") put the total lambda * sum(weights)
+# at 0.8-2.4 for task arithmetic / DARE-TIES / breadcrumbs and 1.2-5.6 for awd
+# (keep_delta 0); mergekit's default lambda 1 puts it at K. The suggestion is a
+# middle value of that range, to be compared with a sweep.
+LAMBDA_TOTAL_RANGE = (0.8, 5.6)
+LAMBDA_TOTAL = 2.4
 
 
 def lambda_warning(method: str, lam: float, weights: Sequence[float], normalize: bool,

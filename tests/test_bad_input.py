@@ -135,7 +135,7 @@ def test_default_lambda_with_many_task_vectors_warns_once_with_a_value(family, t
     proc = mergekit_yaml(recipe(family["base"], fts, steps=10), tmp_path / "out")
     line = "lambda is 1 (the default, as in mergekit's task_arithmetic)"
     assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
-    assert "Set 'lambda: 0.5'" in proc.stderr  # LAMBDA_TOTAL / sum(weights) = 1.5 / 3
+    assert "Set 'lambda: 0.8'" in proc.stderr  # LAMBDA_TOTAL / sum(weights) = 2.4 / 3
     # set in the recipe (even to 1): the user chose it, no warning
     proc = mergekit_yaml(recipe(family["base"], fts, steps=10, **{"lambda": 1.0}),
                          tmp_path / "out2")
@@ -149,5 +149,5 @@ def test_lambda_warning_conditions():
     assert lambda_warning("awd", 1.0, [1, 1, 1, 1], False, explicit=True) is None
     assert lambda_warning("awd", 1.0, [1, 1, 1, 1], True, explicit=False) is None  # normalize
     assert lambda_warning("awd", 1.0, [1, 1], False, explicit=False) is None  # two: TA's sum
-    assert lambda_warning("awd", 0.3, [1] * 8, False, explicit=False) is None  # total 2.4
-    assert "lambda: 0.19" in lambda_warning("awd_dare_ties", 1.0, [1] * 8, False, False)
+    assert lambda_warning("awd", 0.35, [1] * 8, False, explicit=False) is None  # total 2.8
+    assert "lambda: 0.3'" in lambda_warning("awd_dare_ties", 1.0, [1] * 8, False, False)

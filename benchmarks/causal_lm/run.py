@@ -18,7 +18,8 @@ Per method and seed, lambda (and keep_delta where listed) is chosen on the
 validation prompts from a grid that is extended until the choice is not on its
 edge; the chosen merge is scored on the test prompts. Everything is cached under
 --work (a rerun skips what is done); results go to results.json there and the
-tables/plots to --out (docs) via tables.py.
+tables/plots to docs via tables.py. The run behind docs/benchmarks.md is kept as
+results.json.gz next to this file (gunzip it into --work to redo the tables).
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ def regime_section(name, res):
     ran = res["seeds"][seeds[0]]["methods"]
     best_builtin = max((m for m in BUILT_IN if m in ran), key=lambda m: mean_val(res, m))
     best_awd = max((m for m in AWD if m in ran), key=lambda m: mean_val(res, m))
+    from mergekit_awd.report import advice as report_advice
+
+    advice = report_advice(  # the report's current wording, from the recorded numbers
+        float(np.mean([r["delta_cosine_with_mean_task_vector"] for r in rep])),
+        float(np.mean([r["delta_norm_relative"] for r in rep])))
     lines = [
         f"#### {LABEL.get(name, name)}",
         "",
@@ -100,8 +105,7 @@ def regime_section(name, res):
         f"{np.mean([r['mean_abs_cosine_after'] for r in rep]):.3f} after disentangling, "
         f"‖δ‖ / RMS ‖τ‖ = {np.mean([r['delta_norm_relative'] for r in rep]):.3f}, "
         f"cos(δ, mean τ) = {np.mean([r['delta_cosine_with_mean_task_vector'] for r in rep]):.2f}"
-        + ("; its advice: *" + rep[0]["advice"] + "*" if rep[0].get("advice") else
-           "; no shared-stage advice") + ".",
+        + ("; its advice: *" + advice + "*" if advice else "; no shared-stage advice") + ".",
         "",
         f"Best built-in on validation: **{best_builtin}**; best awd-family setting on "
         f"validation: **{best_awd}**.",
@@ -184,7 +188,6 @@ def main():
              f"Stages, test exact match in the fine-tune formats (mean of 8 tasks): pretrained "
              f"{np.mean(list(st['pretrained'].values())):.1f}, instruct "
              f"{np.mean(list(st['instruct'].values())):.1f} (neither has seen the task tags). "
-             f"Run: {results['wall_s'] / 60:.0f} min on this machine "
              f"(seeds {', '.join(map(str, results['setup']['seeds']))}; "
              f"{results['setup']['n_val']} validation and {results['setup']['n_test']} "
              f"test prompts per task).", ""]
