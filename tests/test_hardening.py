@@ -105,15 +105,17 @@ def test_tensor_missing_from_one_model(family, tmp_path):
 
 
 def test_interrupted_merge_leaves_no_model_and_rerun_succeeds(family, tmp_path):
-    # 30M steps: tens of seconds even for the unrolled K=3 solver (3M took ~5 s and
-    # could finish before the interrupt arrived on a loaded machine)
-    config = recipe(family["base"], family["fts"], steps=30_000_000)
+    config = recipe(family["base"], family["fts"], steps=30_000_000)  # minutes of solve
     path = tmp_path / "slow.yml"
     path.write_text(yaml.safe_dump(config))
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     out = tmp_path / "out"
+    # the child starts with SIGINT at its default, as from a terminal: an ignored
+    # SIGINT in the test process (pytest can leave one) would be inherited and make
+    # Python ignore Ctrl-C in the merge
     proc = subprocess.Popen([exe, str(path), str(out), "--no-copy-tokenizer"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt once the Gram pass is over, i.e. inside the (minutes-long) solve:
     # the pass's progress bar reaching 100% says so, no timing involved
     seen = b""
