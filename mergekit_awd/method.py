@@ -143,8 +143,8 @@ class AWDMerge(GroupMergeMethod):
                 "nothing to disentangle (delta = 0), so this is task arithmetic. "
                 "AWD needs two or more fine-tuned models.",
             )
-            run = state.run
-            explicit = (_set_in_recipe("lambda", run.config) if run and run.config
+            set_in_recipe = state.recipe_parameters
+            explicit = ("lambda" in set_in_recipe if set_in_recipe is not None
                         else s.lam != 1.0)
             warning = report.lambda_warning(self.spec.name, s.lam, s.weights,
                                             s.normalize, explicit)
@@ -328,32 +328,6 @@ def _refuse_unknown_parameters(spec: MergeMethodSpec, config) -> None:
     if config is None or getattr(config, "merge_method", None) != spec.name:
         return
     given = {}
-    for where, values in _parameter_blocks(config):
+    for where, values in params.parameter_blocks(config):
         given.setdefault(where, []).extend(values or {})
     params.check_known(spec.name, (p.name for p in spec.parameters), given)
-
-
-def _set_in_recipe(name: str, config) -> bool:
-    """Whether any `parameters:` block of the recipe sets ``name``."""
-    return any(name in (values or {}) for _, values in _parameter_blocks(config))
-
-
-def _parameter_blocks(node, path: str = ""):
-    """(place, parameters dict) of every `parameters:` block in a mergekit config."""
-    from pydantic import BaseModel
-
-    if isinstance(node, BaseModel):
-        for key in type(node).model_fields:
-            value = getattr(node, key)
-            if key == "parameters" and isinstance(value, dict):
-                model = getattr(node, "model", None)
-                yield (f"the parameters of {model}" if model is not None
-                       else f"{path}.parameters" if path else "parameters"), value
-            elif value is not None:
-                yield from _parameter_blocks(value, f"{path}.{key}" if path else key)
-    elif isinstance(node, (list, tuple)):
-        for i, item in enumerate(node):
-            yield from _parameter_blocks(item, f"{path}[{i}]")
-    elif isinstance(node, dict):
-        for key, item in node.items():
-            yield from _parameter_blocks(item, f"{path}.{key}")

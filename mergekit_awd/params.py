@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
-from pydantic import PlainValidator, TypeAdapter, ValidationError
+from pydantic import BaseModel, PlainValidator, TypeAdapter, ValidationError
 from typing_extensions import Annotated
 
 
@@ -200,3 +200,27 @@ def check_known(method: str, known: Iterable[str], given: Mapping[str, Iterable[
                 f"{method} has no parameter '{name}' (in {where}); {hint}"
                 f"its parameters are: {', '.join(known)}"
             )
+
+
+def parameter_blocks(node, path: str = ""):
+    """(place, parameters dict) of every `parameters:` block in a mergekit config."""
+    if isinstance(node, BaseModel):
+        for key in type(node).model_fields:
+            value = getattr(node, key)
+            if key == "parameters" and isinstance(value, dict):
+                model = getattr(node, "model", None)
+                yield (f"the parameters of {model}" if model is not None
+                       else f"{path}.parameters" if path else "parameters"), value
+            elif value is not None:
+                yield from parameter_blocks(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from parameter_blocks(item, f"{path}[{i}]")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            yield from parameter_blocks(item, f"{path}.{key}")
+
+
+def names_in_recipe(config) -> frozenset:
+    """Every parameter name that some `parameters:` block of the recipe sets."""
+    return frozenset(name for _, values in parameter_blocks(config) for name in values or {})

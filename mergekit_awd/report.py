@@ -45,6 +45,7 @@ def summarize(
     weights = [float(x) for x in weights]
     W = sum(weights)
     delta_norm = math.sqrt(max(delta_sq, 0.0))
+    delta_relative = delta_norm / s if s > 0 else 0.0
     shared = delta_cosine_with_mean(G, H_after, delta_sq)
     coefficients = None
     if w is not None:
@@ -62,9 +63,9 @@ def summarize(
         "mean_abs_cosine_before": solver.mean_abs_offdiag(cos_before, M),
         "mean_abs_cosine_after": solver.mean_abs_offdiag(cos_after, M),
         "delta_norm": delta_norm,
-        "delta_norm_relative": delta_norm / s if s > 0 else 0.0,
+        "delta_norm_relative": delta_relative,
         "delta_cosine_with_mean_task_vector": shared,
-        "advice": advice(shared, delta_norm / s if s > 0 else 0.0),
+        "advice": advice(shared, delta_relative),
         "w": None if w is None else [float(x) for x in w],
         "coefficients": coefficients,
         "loss": [float(x) for x in losses],

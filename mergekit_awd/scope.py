@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import running, solver
+from mergekit_awd import params, running, solver
 from mergekit_awd.merge_log import MergeLog
 from mergekit_awd.params import (
     SOLVER_PARAMETERS,
@@ -224,6 +224,9 @@ class MergeState:
         self.solved: Optional[GlobalSolution] = None
         self.error: Optional[BaseException] = None
         self.warned: set = set()
+        # what the recipe sets explicitly (None: no recipe, e.g. the in-memory API)
+        self.recipe_parameters = (params.names_in_recipe(run.config)
+                                  if run is not None and run.config is not None else None)
 
     def warn_once_if(self, condition: bool, message: str) -> None:
         """Log ``message`` once per merge (the kernel runs once per tensor)."""

@@ -105,7 +105,7 @@ def test_tensor_missing_from_one_model(family, tmp_path):
 
 
 def test_interrupted_merge_leaves_no_model_and_rerun_succeeds(family, tmp_path):
-    config = recipe(family["base"], family["fts"], steps=30_000_000)  # minutes of solve
+    config = recipe(family["base"], family["fts"], steps=30_000_000)  # tens of seconds of solve
     path = tmp_path / "slow.yml"
     path.write_text(yaml.safe_dump(config))
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")

@@ -87,6 +87,13 @@ def regime_section(name, res):
     seeds = list(res["seeds"])
     ind = [np.mean(list(res["seeds"][s]["individual"].values())) for s in seeds]
     rep = [res["seeds"][s]["awd_report"] for s in seeds]
+    cis = {}
+
+    def paired(a, b):  # each pair bootstrapped once (rows and the summary share them)
+        if (a, b) not in cis:
+            cis[a, b] = bootstrap(res, a, b)
+        return cis[a, b]
+
     ran = res["seeds"][seeds[0]]["methods"]
     best_builtin = max((m for m in BUILT_IN if m in ran), key=lambda m: mean_val(res, m))
     best_awd = max((m for m in AWD if m in ran), key=lambda m: mean_val(res, m))
@@ -118,8 +125,8 @@ def regime_section(name, res):
         if m not in res["seeds"][seeds[0]]["methods"]:
             continue
         sc = scores(res, m)
-        vs_ta = "" if m == "task arithmetic" else fmt_ci(bootstrap(res, m, "task arithmetic"))
-        vs_best = "" if m == best_builtin else fmt_ci(bootstrap(res, m, best_builtin))
+        vs_ta = "" if m == "task arithmetic" else fmt_ci(paired(m, "task arithmetic"))
+        vs_best = "" if m == best_builtin else fmt_ci(paired(m, best_builtin))
         bold = "**" if m in (best_builtin, best_awd) else ""
         lines.append(f"| {bold}{m}{bold} | {setting_text(res, m)} | {np.mean(sc):.1f} "
                      f"({min(sc):.1f}–{max(sc):.1f}) | {vs_ta} | {vs_best} |")
@@ -137,8 +144,8 @@ def regime_section(name, res):
             bootstrap(res, m, "task_arithmetic", "defaults", "defaults"))
         lines.append(f"| `{m}` | {np.mean(sc):.1f} ({min(sc):.1f}–{max(sc):.1f}) | {ci} |")
     return lines, {"best_builtin": best_builtin, "best_awd": best_awd,
-                   "best_awd_vs_builtin": bootstrap(res, best_awd, best_builtin),
-                   "best_awd_vs_ta": bootstrap(res, best_awd, "task arithmetic")}
+                   "best_awd_vs_builtin": paired(best_awd, best_builtin),
+                   "best_awd_vs_ta": paired(best_awd, "task arithmetic")}
 
 
 PLOTTED = ("task arithmetic", "TIES", "DARE-TIES", "AWD global sgd", "AWD tensor sgd",
