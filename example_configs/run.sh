@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: install, make the example models (once, ~1 min
-# on CPU), merge them with awd through plain mergekit-yaml, and score the result.
+# on CPU), merge them with awd through plain mergekit-yaml, score the result, then
+# let `mergekit-awd tune` choose the settings on held-out data.
 set -euo pipefail
 . "$(dirname "$0")/../.ci/venv.sh"
 python -m mergekit_awd.examples make example_models/tiny-llama > /dev/null
+python -m mergekit_awd.examples data example_models/data > /dev/null
 mergekit-yaml example_configs/tiny-awd.yml out/tiny-awd --quiet "$@"
 mergekit-yaml example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet "$@"
 python -m mergekit_awd.examples eval out/tiny-awd out/tiny-task-arithmetic
 echo "AWD-merged model written to $(pwd)/out/tiny-awd"
+echo
+echo "Choosing lambda, keep_delta and the method on held-out data (mergekit-awd tune):"
+data=()
+for t in reverse sort shift add; do
+  data+=(--data "$t=example_models/data/$t.val.jsonl" --test "$t=example_models/data/$t.test.jsonl")
+done
+mergekit-awd tune example_configs/tiny-awd.yml "${data[@]}" --quiet \
+  --methods awd,task_arithmetic,ties --lambda 0.3,0.5,0.7 --keep-delta 0,1 \
+  --out out/tiny-tune "$@"

@@ -15,8 +15,9 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
-from mergekit_awd import report, scope
+from mergekit_awd import evaluate, report, scope, tune
 from mergekit_awd.merge_log import MergeLog
+from mergekit_awd.params import AWDParameterError
 
 AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
 
@@ -34,36 +35,29 @@ def _load(config_file: str):
 
 def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collected:
     """Plan the recipe as mergekit-yaml would and run the Gram pass over its tasks."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
-
     if config.merge_method not in AWD_METHODS:
         raise click.UsageError(
             f"{config.merge_method!r} is not an AWD method; use one of {', '.join(AWD_METHODS)}"
         )
-    config = config.model_copy(deep=True)
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options)
-    out_config = _model_out_config(config, arch_info, options.trust_remote_code)
-    # plan_to_disk only plans (the writer is a task that is never run here);
-    # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
-    planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
-    tasks = [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
+    collected = scope.collect_tasks(
+        config.merge_method, _planned(config, options), options.device, "cpu",
+        quiet=options.quiet,
+    )
+    if not collected.tensors:
+        raise click.UsageError("the recipe's select: selects no tensor")
+    return collected
+
+
+def _planned(config: MergeConfiguration, options: MergeOptions) -> list:
+    """The recipe's tensor tasks as mergekit-yaml plans them; a clear error for none."""
+    tasks = scope.plan_tensor_tasks(config, options)
     if not tasks:
         raise click.UsageError(
             "mergekit planned no tensor at all for this recipe (it would write a model "
             "with no weights): mergekit has no definition of this architecture and "
             "none of the weight names it inferred is in the checkpoints"
         )
-    collected = scope.collect_tasks(
-        config.merge_method, tasks, options.device, "cpu",
-        quiet=options.quiet,
-    )
-    if not collected.tensors:
-        raise click.UsageError("the recipe's select: selects no tensor")
-    return collected
+    return tasks
 
 
 def analyze(collected: scope.Collected, **overrides) -> Dict:
@@ -159,3 +153,237 @@ def merge_command(merge_options: MergeOptions, config_file: str, out_path: str):
     merge_options.apply_global_options()
     config, source = _load(config_file)
     _merge(config, source, out_path, merge_options)
+
+
+@main.command("tune", cls=PrettyPrintHelp)
+@click.argument("config_file")
+@click.option("--data", "data", multiple=True, required=True,
+              help="held-out JSONL that chooses the setting: name=path or path; repeat "
+                   "for several tasks (scores are averaged over tasks)")
+@click.option("--test", "test", multiple=True,
+              help="test JSONL (name=path): the chosen setting is scored once, never used "
+                   "to choose")
+@click.option("--methods", default=None,
+              help="comma-separated merge methods to compare (default: the recipe's, "
+                   "task_arithmetic, ties)")
+@click.option("--lambda", "lambdas", default=None,
+              help=f"comma-separated lambda values (default: "
+                   f"{','.join(f'{x:g}' for x in tune.DEFAULT_LAMBDAS)})")
+@click.option("--alpha", "alphas", default=None,
+              help="comma-separated alpha values for AWD methods (default: the recipe's)")
+@click.option("--keep-delta", "keep_deltas", default=None,
+              help="comma-separated keep_delta values for AWD methods (default: the recipe's)")
+@click.option("--density", "densities", default=None,
+              help=f"comma-separated density values for methods that sparsify "
+                   f"(default: the recipe's, else {tune.DEFAULT_DENSITY:g})")
+@click.option("--metric", type=click.Choice(["exact", "loss"]), default="exact",
+              show_default=True,
+              help="the score that chooses: exact match of the greedy answer (higher is "
+                   "better) or mean completion loss (lower is better)")
+@click.option("--eval-cmd", "eval_cmd", default=None,
+              help="score each candidate with this command instead: '{model}' is replaced "
+                   "by the merged model's folder; the last line of its output must be one "
+                   "number, higher is better")
+@click.option("--out", "out_dir", default="awd-tune", show_default=True,
+              help="folder for tune.json, tune-lambda.svg and best.yml")
+@click.option("--merge-to", "merge_to", default=None,
+              help="write the chosen setting's merged model here (reusing the Gram pass)")
+@click.option("--max-memory", "max_memory", type=float, default=None,
+              help="GiB allowed for forming candidates in memory (default: 70%% of the "
+                   "memory available); over it, each candidate is written to a temporary "
+                   "folder")
+@click.option("--batch-tokens", "batch_tokens", type=int, default=4096, show_default=True,
+              help="tokens per scoring batch")
+@add_merge_options
+def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
+                 lambdas, alphas, keep_deltas, densities, metric, eval_cmd, out_dir,
+                 merge_to, max_memory, batch_tokens):
+    """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
+
+    Every candidate is the recipe with those values replaced; the winner is written
+    as best.yml, ready for mergekit-yaml.
+    """
+    merge_options.apply_global_options()
+    config, _ = _load(config_file)
+    try:
+        _tune(config, merge_options, data=data, test=test, methods=methods, lambdas=lambdas,
+              alphas=alphas, keep_deltas=keep_deltas, densities=densities, metric=metric,
+              eval_cmd=eval_cmd, out_dir=out_dir, merge_to=merge_to, max_memory=max_memory,
+              batch_tokens=batch_tokens)
+    except (evaluate.AWDDataError, AWDParameterError) as error:
+        raise click.ClickException(str(error))
+
+
+def _recipe_value(config, name: str):
+    return (config.parameters or {}).get(name)
+
+
+def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas, densities,
+          metric, eval_cmd, out_dir, merge_to, max_memory, batch_tokens):
+    import json
+    import math
+    import shlex
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    if config.base_model is None:
+        raise click.UsageError("tune compares task-vector merges: the recipe needs base_model")
+    if config.tokenizer_source is not None or config.tokenizer is not None:
+        raise click.UsageError("tune scores with the base model's tokenizer: remove "
+                               "tokenizer_source/tokenizer from the recipe to tune it")
+    if config.base_model.lora is not None:
+        raise click.UsageError("tune loads base_model as the model to score: give it "
+                               "without a LoRA adapter")
+    base_path = str(config.base_model.model.path)
+    recipe_method = config.merge_method
+    method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
+                   else list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"])))
+    lam_values = _floats(lambdas) or list(tune.DEFAULT_LAMBDAS)
+    alpha_values = _floats(alphas) or [_recipe_value(config, "alpha")
+                                       if _recipe_value(config, "alpha") is not None
+                                       else _default("alpha")]
+    kd_values = _floats(keep_deltas) or [_recipe_value(config, "keep_delta") or 0.0]
+    density_values = _floats(densities) or [_recipe_value(config, "density")
+                                            or tune.DEFAULT_DENSITY]
+    candidates = tune.grid(method_list, lam_values, alpha_values, kd_values, density_values)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tasks = evaluate.load_tasks(data, tokenizer, base_path)
+    test_tasks = evaluate.load_tasks(test, tokenizer, base_path) if test else []
+    device = options.device if options.cuda or options.device != "cpu" else "cpu"
+    model = tune.load_model(base_path, device)
+    limit = int(max_memory * 2**30) if max_memory else tune.default_max_memory()
+    former = tune.Former(config, options, limit, model, in_memory=eval_cmd is None)
+    say = (lambda text: None) if options.quiet else (lambda text: click.echo(text, err=True))
+    say(f"tune: {len(candidates)} candidates ({', '.join(method_list)}), "
+        f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples")
+    former.prepare(candidates)
+    say("tune: forming candidates " + ("in memory" if former.in_memory
+                                        else f"on disk ({former.reason})"))
+    if former.collected is not None:
+        say(f"tune: one Gram pass for every AWD candidate ({former.gram_seconds:.1f} s)")
+
+    metric_name = "external" if eval_cmd else metric
+
+    def run_candidate(candidate, on_tasks):
+        start = time.perf_counter()
+        if eval_cmd:
+            with former.on_disk(candidate) as folder:
+                formed = time.perf_counter()
+                command = eval_cmd.replace("{model}", shlex.quote(folder))
+                proc = subprocess.run(command, shell=True, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise click.ClickException(f"--eval-cmd failed (exit {proc.returncode}) on "
+                                           f"{candidate.label}: {proc.stderr.strip()[-500:]}")
+            lines = [x for x in proc.stdout.strip().splitlines() if x.strip()]
+            try:
+                value = float(lines[-1].split()[-1])
+            except (IndexError, ValueError):
+                raise click.ClickException(
+                    f"--eval-cmd printed no number on its last line for {candidate.label}: "
+                    f"{(lines or [''])[-1][:200]!r}")
+            return {}, {"external": value}, formed - start, time.perf_counter() - formed
+        if former.in_memory:
+            tune.swap_in(model, former.form(candidate))
+            formed = time.perf_counter()
+            scores = evaluate.score(model, on_tasks, batch_tokens)
+        else:
+            with former.on_disk(candidate) as folder:
+                formed = time.perf_counter()
+                scores = evaluate.score(tune.load_model(folder, device), on_tasks, batch_tokens)
+        means = {m: evaluate.mean(scores, m) for m in ("exact", "loss")}
+        return scores, means, formed - start, time.perf_counter() - formed
+
+    rows = []
+    interrupted = False
+    try:
+        for i, candidate in enumerate(candidates, 1):
+            scores, means, form_s, score_s = run_candidate(candidate, tasks)
+            rows.append({"candidate": candidate.label, "method": candidate.method,
+                         "settings": candidate.overrides(), "scores": scores,
+                         "mean": means, "form_seconds": form_s, "score_seconds": score_s})
+            say(f"[{i}/{len(candidates)}] {candidate.label}: "
+                + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+                + f"  (formed {form_s:.2f} s, scored {score_s:.2f} s)")
+    except KeyboardInterrupt:
+        interrupted = True
+        say(f"tune: interrupted after {len(rows)} of {len(candidates)} candidates; "
+            f"writing the table so far")
+    if not rows:
+        raise click.ClickException("tune: no candidate was scored")
+    best = tune.choose(rows, metric_name)
+    best_candidate = candidates[best]
+    os.makedirs(out_dir, exist_ok=True)
+    best_cfg = tune.candidate_config(config, best_candidate)
+    result = {
+        "recipe": config.to_yaml(), "metric": metric_name, "form": (
+            "in memory" if former.in_memory else "on disk"),
+        "gram_seconds": former.gram_seconds, "candidates": rows, "best": best,
+        "interrupted": interrupted,
+    }
+    if test_tasks and not interrupted:
+        scores, means, _, _ = run_candidate(best_candidate, test_tasks)
+        result["test"] = {"candidate": best_candidate.label, "scores": scores, "mean": means}
+    with open(os.path.join(out_dir, "best.yml"), "w", encoding="utf-8") as f:
+        f.write(best_cfg.to_yaml())
+    with open(os.path.join(out_dir, "tune.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    _tune_picture(rows, metric_name, os.path.join(out_dir, "tune-lambda.svg"))
+    click.echo(_tune_table(rows, best, metric_name))
+    if "test" in result:
+        t = result["test"]
+        click.echo(f"test ({best_candidate.label}, scored once): "
+                   + " ".join(f"{name} {s['exact']:.3f}/{s['loss']:.3f}"
+                              for name, s in t["scores"].items())
+                   + f"  mean exact {t['mean']['exact']:.4f}, loss {t['mean']['loss']:.4f}")
+    click.echo(f"best: {best_candidate.label}  ->  {os.path.join(out_dir, 'best.yml')}")
+    if merge_to and not interrupted:
+        with former.on_disk(best_candidate, merge_to):
+            pass
+        click.echo(f"merged: {merge_to}")
+    if interrupted:
+        sys.exit(130)
+
+
+def _default(name: str):
+    from mergekit_awd.params import COMMON
+
+    return next(p.default for p in COMMON if p.name == name)
+
+
+def _tune_table(rows, best: int, metric: str) -> str:
+    tasks = list(rows[0]["scores"])
+    width = max(len(r["candidate"]) for r in rows) + 2
+    head = f"  {'candidate':{width}s}" + "".join(f"{t[:10]:>11s}" for t in tasks)
+    head += "".join(f"{m:>11s}" for m in rows[0]["mean"])
+    lines = [head]
+    for i, r in enumerate(rows):
+        mark = "* " if i == best else "  "
+        cells = "".join(f"{r['scores'][t][metric if metric != 'external' else 'exact']:11.4f}"
+                        for t in tasks)
+        cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
+        lines.append(f"{mark}{r['candidate']:{width}s}{cells}")
+    what = {"exact": "exact match", "loss": "loss", "external": "--eval-cmd"}[metric]
+    lines.append(f"(per-task columns: {what if metric != 'external' else ''}; * = chosen on "
+                 f"{what})")
+    return "\n".join(lines)
+
+
+def _tune_picture(rows, metric: str, path: str) -> None:
+    """Best score per lambda, one line per method (maximised over the other knobs)."""
+    series: Dict[str, Dict[float, float]] = {}
+    for r in rows:
+        value = r["mean"][metric]
+        if metric == "loss":
+            value = -value
+        pts = series.setdefault(r["method"], {})
+        lam = r["settings"]["lambda"]
+        pts[lam] = max(pts.get(lam, -float("inf")), value)
+    label = {"exact": "mean exact match", "loss": "- mean loss",
+             "external": "--eval-cmd score"}[metric]
+    svg = report.lines_svg({m: sorted(p.items()) for m, p in series.items()},
+                           "tune: best score per lambda", "lambda", label)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(svg)

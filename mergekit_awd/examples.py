@@ -109,8 +109,13 @@ def _save_tokenizer(path: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from tokenizers import processors
+
     tok = Tokenizer(models.WordLevel(vocab=_STOI, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    # a prompt starts with <s>, as in training (what `tokenizer(text)` gives)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", _STOI["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -119,7 +124,10 @@ def _save_tokenizer(path: str) -> None:
 
 def make(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> Dict[str, str]:
     """Pretrain the base, fine-tune one copy per task; skip what is already on disk."""
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # one thread and deterministic kernels: the same weights on every machine of a
+    # kind (the thread count changes float summation order, and so the training)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     paths = {"base": os.path.join(out_dir, "base")}
     paths.update({t: os.path.join(out_dir, t) for t in TASKS})
     if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
@@ -166,6 +174,24 @@ def accuracy(model_dir: str, n: int = 200, seed: int = 1234) -> Dict[str, float]
     return scores
 
 
+def write_data(out_dir: str, n: int = 100, seed: int = 4321) -> Dict[str, str]:
+    """Held-out prompt/completion JSONL per task for `mergekit-awd tune` (``val``, with
+    ``seed``) and a test split (``seed + 1``); none is in the training stream's
+    order, though short strings can repeat by chance."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, split_seed in (("val", seed), ("test", seed + 1)):
+        for task, fn in TASKS.items():
+            rng = random.Random(f"{split_seed}-{task}")
+            path = os.path.join(out_dir, f"{task}.{split}.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for _ in range(n):
+                    prompt, answer = fn(rng)
+                    f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+            paths[f"{task}.{split}"] = path
+    return paths
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mergekit_awd.examples")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +199,9 @@ def main(argv=None) -> None:
     p_make.add_argument("out_dir")
     p_make.add_argument("--base-steps", type=int, default=600)
     p_make.add_argument("--ft-steps", type=int, default=300)
+    p_data = sub.add_parser("data", help="write held-out JSONL per task (for tune)")
+    p_data.add_argument("out_dir")
+    p_data.add_argument("-n", type=int, default=100)
     p_eval = sub.add_parser("eval", help="per-task accuracy of model folders")
     p_eval.add_argument("models", nargs="+")
     p_eval.add_argument("-n", type=int, default=200)
@@ -180,7 +209,9 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if args.command == "make":
+    if args.command == "data":
+        print(json.dumps(write_data(args.out_dir, args.n), indent=2))
+    elif args.command == "make":
         paths = make(args.out_dir, args.base_steps, args.ft_steps)
         print(json.dumps(paths, indent=2))
     else:

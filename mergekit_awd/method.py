@@ -169,7 +169,8 @@ class AWDMerge(GroupMergeMethod):
         base = group.base.tensor.to(dtype)
         taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
         if s.scope == "global" and state is not None:
-            solved = state.global_solution(lambda: self._gram_pass(executor, state))
+            solved = state.global_solution(lambda: self._gram_pass(executor, state), s,
+                                           model_ids)
             w, delta = solved.delta_for(name)
             return self._combine(base, taus, w, delta, s)
         G = _gram(name, group, taus)

@@ -305,3 +305,50 @@ Solver loss {report['loss'][0]:.4g} -> {report['loss'][-1]:.4g}.
 |---|---:|---:|---:|
 {rows}
 {picture}"""
+
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f")
+
+
+def lines_svg(series: Dict[str, List], title: str, x_label: str, y_label: str,
+              width: int = 560, height: int = 320) -> str:
+    """One polyline (with dots) per named series of (x, y) points."""
+    left, right, top, bottom = 60, 150, 30, 45
+    points = [p for pts in series.values() for p in pts] or [(0.0, 0.0)]
+    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
+    y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
+    x_span, y_span = (x_high - x_low) or 1.0, (y_high - y_low) or 1.0
+
+    def at(x, y):
+        return (left + (width - left - right) * (x - x_low) / x_span,
+                top + (height - top - bottom) * (1 - (y - y_low) / y_span))
+
+    x_axis = height - bottom
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f'<rect width="{width}" height="{height}" fill="#fff"/>',
+        _text((width - right + left) / 2, 18, title, size=12),
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{x_axis}" stroke="#000"/>',
+        f'<line x1="{left}" y1="{x_axis}" x2="{width - right}" y2="{x_axis}" stroke="#000"/>',
+        _text(left - 4, top + 4, f"{y_high:.4g}", size=10, anchor="end"),
+        _text(left - 4, x_axis, f"{y_low:.4g}", size=10, anchor="end"),
+        _text(left, x_axis + 16, f"{x_low:g}", size=10),
+        _text(width - right, x_axis + 16, f"{x_high:g}", size=10),
+        _text((width - right + left) / 2, x_axis + 34, x_label, size=11),
+        _text(16, (top + x_axis) / 2, y_label, size=11, rotate=-90),
+    ]
+    for i, (name, pts) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        xy = [at(x, y) for x, y in sorted(pts)]
+        parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}" '
+                     f'fill="none" stroke="{color}" stroke-width="1.5"/>')
+        parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>'
+                     for x, y in xy)
+        ly = top + 14 + 18 * i
+        parts.append(f'<line x1="{width - right + 12}" y1="{ly - 4}" x2="{width - right + 30}" '
+                     f'y2="{ly - 4}" stroke="{color}" stroke-width="2"/>')
+        parts.append(_text(width - right + 36, ly, name, size=10, anchor="start"))
+    parts.append("</svg>")
+    return "\n".join(parts)

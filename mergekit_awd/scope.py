@@ -128,6 +128,12 @@ COLLECTING: ContextVar[Optional[Collected]] = ContextVar("awd_collecting", defau
 # set around mergekit's loop over its groups.
 IN_MEMORY: ContextVar[Optional["MergeState"]] = ContextVar("awd_in_memory", default=None)
 
+# A Gram pass already made over the same inputs in this process (by `mergekit-awd
+# tune`), offered to the next merge started from this context: its global solve
+# uses it instead of reading the inputs again when the models and the solver
+# settings are the same (``MergeState.global_solution``).
+KNOWN_GRAM: ContextVar[Optional[Collected]] = ContextVar("awd_known_gram", default=None)
+
 
 def collect(run) -> Collected:
     """Run mergekit's execution of the kernel (``run()``) as a Gram pass: the kernel
@@ -161,6 +167,24 @@ def collect_tasks(method_name: str, tasks, math_device, storage_device,
         return Collected()
     executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
     return collect(lambda: deque(executor.run(quiet=quiet, desc="awd Gram pass"), maxlen=0))
+
+
+def plan_tensor_tasks(config, options) -> list:
+    """The recipe's per-tensor tasks, planned by mergekit's own planner as
+    ``mergekit-yaml`` plans them (nothing is read or written)."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    config = config.model_copy(deep=True)
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options)
+    out_config = _model_out_config(config, arch_info, options.trust_remote_code)
+    # plan_to_disk only plans (the writer is a task that is never run here);
+    # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
+    planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
+    return [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
 
 
 def _may_select(select: str, weight, base_model) -> bool:
@@ -224,6 +248,7 @@ class MergeState:
         self.solved: Optional[GlobalSolution] = None
         self.error: Optional[BaseException] = None
         self.warned: set = set()
+        self.known: Optional[Collected] = KNOWN_GRAM.get()
         # what the recipe sets explicitly (None: no recipe, e.g. the in-memory API)
         self.recipe_parameters = (params.names_in_recipe(run.config)
                                   if run is not None and run.config is not None else None)
@@ -234,14 +259,22 @@ class MergeState:
             self.warned.add(message)
             LOG.warning(message)
 
-    def global_solution(self, solve_scope) -> GlobalSolution:
-        """Solve the global scope once (the first caller solves, the others wait)."""
+    def global_solution(self, solve_scope, settings: Optional[Settings] = None,
+                        models: Tuple = ()) -> GlobalSolution:
+        """Solve the global scope once (the first caller solves, the others wait).
+
+        ``solve_scope()`` makes the Gram pass, unless a known one (``KNOWN_GRAM``)
+        was read for these models with these solver settings."""
         with self.lock:
             if self.error is not None:
                 raise AWDInputError(f"the scope: global solve failed earlier: {self.error}")
             if self.solved is None:
+                known = self.known
+                usable = (known is not None and settings is not None
+                          and known.models == tuple(models) and known.settings is not None
+                          and known.settings.solver_key() == settings.solver_key())
                 try:
-                    self.solved = self._solve(solve_scope())
+                    self.solved = self._solve(known if usable else solve_scope())
                 except BaseException as error:
                     self.error = error
                     raise

@@ -1,0 +1,389 @@
+"""`mergekit-awd tune`: form each candidate merge, score it on held-out data, keep the best.
+
+A candidate is the user's recipe with a method and a few parameters replaced
+(``candidate_config``), so the recipe written as ``best.yml`` *is* the winner.
+Each candidate is planned by mergekit's own planner and its tensor tasks are
+executed by mergekit's own ``ExecuteMergeMethodTask.execute``: what ``mergekit-yaml``
+would compute for that recipe, tensor for tensor.
+
+Two ways to form a candidate:
+
+- in memory (``Inputs``), when the inputs fit the memory allowed: every planned
+  tensor's inputs are read once (mergekit's ``GatherTensors``: loading, layout
+  conversion, ``dtype:``), each candidate's tasks run on them, and the results are
+  swapped into one loaded model. AWD candidates share one Gram matrix, computed
+  from those inputs by the kernel's own Gram pass, and one solve per solver
+  setting (under ``scope: global``): forming one costs the combination alone;
+- on disk (``on_disk``), otherwise, or for ``--eval-cmd``: mergekit's ``run_merge``
+  into a temporary folder, removed after scoring. AWD candidates still share one
+  Gram pass (``scope.KNOWN_GRAM``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from mergekit_awd import params, scope
+from mergekit_awd.params import AWDParameterError
+
+AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
+DEFAULT_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
+# mergekit methods whose `density` is their sparsification knob
+SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+               "della", "della_linear", "awd_ties", "awd_dare_ties")
+DEFAULT_DENSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting to try: a method and the values that replace the recipe's."""
+
+    method: str
+    lam: float
+    alpha: Optional[float] = None
+    keep_delta: Optional[float] = None
+    density: Optional[float] = None
+
+    def overrides(self) -> Dict[str, float]:
+        """The recipe parameters this candidate sets (under their recipe names)."""
+        out = {"lambda": self.lam}
+        for name in ("alpha", "keep_delta", "density"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} " + " ".join(f"{k}={v:g}" for k, v in self.overrides().items())
+
+    @property
+    def is_awd(self) -> bool:
+        return self.method in AWD_METHODS
+
+
+def method_spec(name: str):
+    from mergekit import merge_methods
+
+    try:
+        return merge_methods.get(name).spec
+    except Exception:
+        from mergekit.merge_methods import registry
+
+        known = ", ".join(sorted(m.spec.name for m in registry.registered_methods()))
+        raise AWDParameterError(f"--methods: mergekit has no merge method {name!r}; "
+                                f"it has: {known}") from None
+
+
+def _check(method: str, name: str, value: float) -> float:
+    """A grid value through the parameter's own type (the error names it)."""
+    for p in params.COMMON + params.SPARSIFY:
+        if p.name == name:
+            from pydantic import TypeAdapter
+
+            return TypeAdapter(p.type).validate_python(value)
+    return value
+
+
+def grid(methods: Sequence[str], lambdas: Sequence[float], alphas: Sequence[float],
+         keep_deltas: Sequence[float], densities: Sequence[float]) -> List[Candidate]:
+    """Every combination of each method's own knobs (validated as the recipe's are)."""
+    out = []
+    for method in methods:
+        names = {p.name for p in method_spec(method).parameters}
+        awd = method in AWD_METHODS
+        dens = [_check(method, "density", d) for d in densities] if (
+            method in SPARSIFYING and "density" in names) else [None]
+        for lam in lambdas:
+            _check(method, "lambda", lam)
+            for alpha in (alphas if awd else [None]):
+                for kd in (keep_deltas if awd else [None]):
+                    for d in dens:
+                        out.append(Candidate(
+                            method, float(lam),
+                            None if alpha is None else _check(method, "alpha", alpha),
+                            None if kd is None else _check(method, "keep_delta", kd), d))
+    return out
+
+
+def candidate_config(config, candidate: Candidate):
+    """The recipe for ``candidate``: its method, its values at the top level (and
+    removed elsewhere so that they apply everywhere), parameters the method does
+    not have dropped, a required one it lacks (``weight``) given its awd default."""
+    cfg = config.model_copy(deep=True)
+    cfg.merge_method = candidate.method
+    spec = method_spec(candidate.method)
+    known = {p.name for p in spec.parameters}
+    overrides = candidate.overrides()
+    given = set()
+    for _, block in params.parameter_blocks(cfg):
+        for name in list(block or {}):
+            if name not in known or name in overrides:
+                del block[name]
+            else:
+                given.add(name)
+    top = dict(cfg.parameters or {}, **overrides)
+    defaults = {p.name: p.default for p in params.COMMON}
+    for p in spec.parameters:
+        if p.required and p.name not in given and p.name not in top:
+            if p.name not in defaults:
+                raise AWDParameterError(
+                    f"{candidate.method} needs parameter '{p.name}', which the recipe does "
+                    f"not set; add it to the recipe's parameters")
+            top[p.name] = defaults[p.name]
+    cfg.parameters = top
+    return cfg
+
+
+class Inputs:
+    """Every planned tensor's inputs, read once, as mergekit hands them to a method."""
+
+    def __init__(self, tasks, options):
+        from mergekit.graph import Executor
+
+        gathers = list({_key(t.gather_tensors): t.gather_tensors for t in tasks}.values())
+        executor = Executor(gathers, math_device="cpu", storage_device="cpu")
+        self.values = {_key(task): value for task, value in
+                       executor.run(quiet=options.quiet, desc="tune: reading inputs")}
+
+    def execute(self, tasks) -> Iterable:
+        for task in tasks:
+            value = self.values.get(_key(task.gather_tensors))
+            if value is None:
+                raise RuntimeError(f"tune: tensor {task.output_weight.name} of a candidate "
+                                   f"reads inputs the first pass did not read")
+            yield task, task.execute(tensors=value)
+
+    def form(self, tasks, out_dtype: Optional[str]) -> Dict[str, torch.Tensor]:
+        """The merged tensors of ``tasks``, cast as mergekit's writer casts them."""
+        from mergekit.common import dtype_from_name
+
+        out = {}
+        for task, result in self.execute(tasks):
+            if result is None:
+                continue
+            dtype = task.output_weight.force_dtype or out_dtype
+            out[task.output_weight.name] = (result.to(dtype_from_name(dtype))
+                                            if dtype else result)
+        return out
+
+    def gram(self, tasks) -> scope.Collected:
+        """The kernel's own Gram pass, over the inputs already read."""
+        return scope.collect(lambda: list(self.execute(tasks)))
+
+
+def _key(gather) -> tuple:
+    """What a ``GatherTensors`` reads (its ImmutableMap compares by identity)."""
+    return frozenset(gather.weight_info.items()), gather.dtype, gather.device
+
+
+def input_bytes(config) -> int:
+    """Bytes of the weight files of every input model (what reading them all holds)."""
+    from mergekit.io.tasks import LoaderCache
+
+    total = 0
+    for model in config.referenced_models():
+        files = set(LoaderCache().get(model).index.tensor_paths.values())
+        total += sum(os.path.getsize(f) for f in files if os.path.exists(f))
+    return total
+
+
+def default_max_memory() -> int:
+    """70% of the memory available now (Linux), else 8 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * 0.7)
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class Former:
+    """Forms candidates of one recipe: in memory when possible, else on disk."""
+
+    def __init__(self, config, options, max_memory: int, model, in_memory: bool):
+        self.config, self.options = config, options
+        self.model = model
+        self.inputs: Optional[Inputs] = None
+        self.collected: Optional[scope.Collected] = None
+        self.states: Dict = {}
+        self.gram_seconds = 0.0
+        self.reason = ""
+        if in_memory:
+            self.reason = self._memory_check(max_memory)
+        else:
+            self.reason = "--eval-cmd scores a model folder"
+        self.in_memory = in_memory and not self.reason
+
+    def _memory_check(self, max_memory: int) -> str:
+        need = input_bytes(self.config) + 2 * sum(
+            p.numel() * p.element_size() for p in self.model.parameters())
+        if need > max_memory:
+            return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
+                    f"--max-memory {max_memory / 2**30:.1f} GiB")
+        return ""
+
+    def prepare(self, candidates: Sequence[Candidate]) -> None:
+        """Read the inputs (in memory) and make the one Gram pass AWD candidates share."""
+        first = candidates[0]
+        tasks = scope.plan_tensor_tasks(candidate_config(self.config, first), self.options)
+        if self.in_memory:
+            names = set(self.model.state_dict())
+            missing = [t.output_weight.name for t in tasks
+                       if t.output_weight.name not in names]
+            if missing:
+                self.in_memory = False
+                self.reason = (f"mergekit writes tensors the model does not have "
+                               f"({missing[0]}, ...)")
+            elif not all(_is_method_task(t) for t in tasks):
+                self.in_memory = False
+                self.reason = "the recipe needs tokenizer or vocabulary work per tensor"
+            else:
+                self.inputs = Inputs(tasks, self.options)
+        awd = [c for c in candidates if c.is_awd]
+        if not awd:
+            return
+        awd_tasks = scope.plan_tensor_tasks(candidate_config(self.config, awd[0]),
+                                            self.options)
+        if not _global_scope(awd_tasks):
+            return
+        start = time.perf_counter()
+        if self.inputs is not None:
+            self.collected = self.inputs.gram(awd_tasks)
+        else:
+            self.collected = scope.collect_tasks(
+                awd[0].method, awd_tasks, self.options.device, "cpu",
+                quiet=self.options.quiet)
+        self.gram_seconds = time.perf_counter() - start
+
+    def known_gram(self, candidate: Candidate) -> Optional[scope.Collected]:
+        """The shared Gram pass, with this candidate's settings (None: not global)."""
+        if self.collected is None or self.collected.settings is None or not candidate.is_awd:
+            return None
+        s = self.collected.settings
+        changes = {"lam": candidate.lam}
+        if candidate.alpha is not None:
+            changes["alpha"] = candidate.alpha
+        if candidate.keep_delta is not None:
+            changes["keep_delta"] = candidate.keep_delta
+        return dataclasses.replace(self.collected, settings=dataclasses.replace(s, **changes))
+
+    def _state(self, candidate: Candidate) -> scope.MergeState:
+        """One solve per solver setting, shared by the candidates that have it."""
+        known = self.known_gram(candidate)
+        if known is None:
+            return scope.MergeState()  # scope: tensor: each tensor solves itself
+        key = known.settings.solver_key()
+        if key not in self.states:
+            state = scope.MergeState()
+            state.global_solution(lambda: known)
+            self.states[key] = state
+        return self.states[key]
+
+    def form(self, candidate: Candidate) -> Dict[str, torch.Tensor]:
+        """The candidate's merged tensors, formed from the inputs read once."""
+        cfg = candidate_config(self.config, candidate)
+        tasks = scope.plan_tensor_tasks(cfg, self.options)
+        token = scope.IN_MEMORY.set(self._state(candidate)) if candidate.is_awd else None
+        try:
+            with _seeded(self.options), _quiet_kernel():
+                return self.inputs.form(tasks, cfg.out_dtype)
+        finally:
+            if token is not None:
+                scope.IN_MEMORY.reset(token)
+
+    @contextlib.contextmanager
+    def on_disk(self, candidate: Candidate, out_path: Optional[str] = None):
+        """mergekit's run_merge of the candidate into ``out_path`` (default: a temporary
+        folder, removed afterwards); the shared Gram pass is offered to it."""
+        from mergekit.merge import run_merge
+
+        cfg = candidate_config(self.config, candidate)
+        folder = out_path or tempfile.mkdtemp(prefix="awd-tune-")
+        token = scope.KNOWN_GRAM.set(self.known_gram(candidate))
+        try:
+            with _seeded(self.options):
+                run_merge(cfg, folder, options=self.options, config_source=cfg.to_yaml())
+            yield folder
+        finally:
+            scope.KNOWN_GRAM.reset(token)
+            if out_path is None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_method_task(task) -> bool:
+    from mergekit.io.tasks import GatherTensors
+
+    return isinstance(task.gather_tensors, GatherTensors)
+
+
+def _global_scope(tasks) -> bool:
+    return any(t.parameters.get("scope") == "global" for t in tasks
+               if t.method_name in AWD_METHODS)
+
+
+@contextlib.contextmanager
+def _seeded(options):
+    """Randomized methods (DARE) draw the same masks for every candidate."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.random_seed if options.random_seed is not None else 0)
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_kernel():
+    """The kernel's once-per-merge warnings (the lambda hint) are noise per candidate."""
+    logger = logging.getLogger("mergekit_awd")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_model(path: str, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def swap_in(model, tensors: Dict[str, torch.Tensor]) -> None:
+    """Put a candidate's merged tensors into the loaded model (as float32)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor.to(state[name].dtype))
+
+
+def choose(rows: Sequence[Dict], metric: str) -> int:
+    """Index of the best row: highest exact (lowest loss breaks ties) or lowest loss."""
+    def key(i):
+        r = rows[i]
+        if metric == "exact":
+            return (-r["mean"]["exact"], r["mean"]["loss"])
+        if metric == "loss":
+            return (r["mean"]["loss"], -r["mean"]["exact"])
+        return (-r["mean"]["external"],)
+
+    scored = [i for i, r in enumerate(rows) if not math.isnan(_main(r, metric))]
+    if not scored:
+        raise RuntimeError("no candidate produced a score")
+    return min(scored, key=key)
+
+
+def _main(row: Dict, metric: str) -> float:
+    return row["mean"].get(metric, math.nan)
