@@ -25,6 +25,7 @@ class MergeLog:
     G: Optional[np.ndarray] = None
     H: Optional[np.ndarray] = None
     losses: Optional[np.ndarray] = None
+    curves: int = 0  # solves summed into ``losses`` (those with its number of steps)
     delta_sq: float = 0.0
     tensors: List[str] = field(default_factory=list)
     solves: int = 0
@@ -44,10 +45,10 @@ class MergeLog:
                 self.models, self.settings = tuple(models), settings
             self.G = G if self.G is None else self.G + G
             self.H = H if self.H is None else self.H + H
-            if self.losses is None or len(self.losses) != len(losses):
-                self.losses = losses
-            else:
-                self.losses = self.losses + losses
+            if self.losses is None:
+                self.losses, self.curves = losses, 1
+            elif len(self.losses) == len(losses):
+                self.losses, self.curves = self.losses + losses, self.curves + 1
             self.delta_sq += solver.delta_norm_sq(G, solution)
             self.tensors.extend(names)
             self.solves += 1
@@ -61,7 +62,7 @@ class MergeLog:
         report = summarize(
             self.G,
             self.H,
-            self.losses / max(self.solves, 1),
+            self.losses / max(self.curves, 1),
             self.delta_sq,
             self.w,
             [str(m) for m in self.models],
@@ -71,7 +72,10 @@ class MergeLog:
             tensors=len(self.tensors),
         )
         if self.solves > 1:
-            report["loss_note"] = f"mean over {self.solves} per-tensor solves"
+            report["loss_note"] = (
+                f"mean over {self.curves} per-tensor solves" if self.curves == self.solves
+                else f"mean over the {self.curves} of {self.solves} per-tensor solves "
+                     f"with {len(self.losses) - 1} steps (steps differ per tensor)")
         return report
 
     def summary_line(self) -> str:
