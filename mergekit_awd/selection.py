@@ -41,16 +41,20 @@ def in_layers(name: str, layer_names: Optional[FrozenSet[str]]) -> bool:
 
 
 def _architecture(model):
-    """mergekit's configured architecture of ``model`` (a ModelReference), or None."""
+    """mergekit's configured architecture of ``model`` (a ModelReference), or None
+    where there is none: an id of mergekit's in-memory API (no config to read),
+    a config without exactly one architecture, or one mergekit has no definition
+    of. A config that cannot be read is an error, not a fallback."""
     from mergekit.architecture import arch_info_for_config
     from mergekit.architecture.base import ConfiguredModelArchitecture
     from mergekit.io.tasks import LoaderCache
 
-    try:
-        config = model.config(trust_remote_code=LoaderCache().trust_remote_code)
-        info = arch_info_for_config(config)
-    except Exception:  # not a model reference, or no JSON architecture
+    if not callable(getattr(model, "config", None)):
         return None
+    config = model.config(trust_remote_code=LoaderCache().trust_remote_code)
+    if len(getattr(config, "architectures", None) or ()) != 1:
+        return None
+    info = arch_info_for_config(config)
     if info is None:
         return None
     return ConfiguredModelArchitecture(info=info, config=config)
