@@ -82,7 +82,48 @@ def main():
                       f"{'yes' if worst <= 1e-5 else 'NO'} |")
                 for d in (cpu_out, gpu_out):
                     subprocess.run(["rm", "-rf", d])
+    if "tiny" in args.sizes.split(","):
+        ok &= tune_check(args.cache)
     sys.exit(0 if ok else 1)
+
+
+def tune_check(cache) -> bool:
+    """`mergekit-awd tune` on CPU and with --cuda: the same table and the same choice."""
+    import json
+
+    from mergekit_awd import examples
+
+    paths = examples.make(os.path.join(cache, "tiny-llama"))
+    data = examples.write_data(os.path.join(cache, "tiny-data"), n=100)
+    recipe = os.path.join(cache, "tune.yml")
+    with open(recipe, "w") as f:
+        yaml.safe_dump({"merge_method": "awd", "base_model": paths["base"], "dtype": "float32",
+                        "models": [{"model": paths[t]} for t in examples.TASKS],
+                        "parameters": {"alpha": 0.01}}, f)
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-awd")
+    tables, times = [], []
+    for extra in ([], ["--cuda"]):
+        out = os.path.join(cache, "tune-" + ("gpu" if extra else "cpu"))
+        args = [exe, "tune", recipe, "--out", out, "--quiet", "--methods", "awd,ties",
+                "--lambda", "0.3,0.5,0.7", "--keep-delta", "0,1", *extra]
+        for t in examples.TASKS:
+            args += ["--data", f"{t}={data[t + '.val']}"]
+        start = time.perf_counter()
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+        with open(os.path.join(out, "tune.json")) as f:
+            tables.append(json.load(f))
+    cpu, gpu = tables
+    d_exact = max(abs(a["mean"]["exact"] - b["mean"]["exact"])
+                  for a, b in zip(cpu["candidates"], gpu["candidates"]))
+    d_loss = max(abs(a["mean"]["loss"] - b["mean"]["loss"]) / abs(a["mean"]["loss"])
+                 for a, b in zip(cpu["candidates"], gpu["candidates"]))
+    same = cpu["best"] == gpu["best"]
+    print(f"\ntune (example models, {len(cpu['candidates'])} candidates, 400 prompts): "
+          f"CPU {times[0]:.1f} s, --cuda {times[1]:.1f} s; max |exact difference| "
+          f"{d_exact:.4f}, max relative loss difference {d_loss:.2e}; same choice: {same} "
+          f"({cpu['candidates'][cpu['best']]['candidate']})")
+    return same and d_loss <= 1e-3
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas,
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tasks = evaluate.load_tasks(data, tokenizer, base_path)
     test_tasks = evaluate.load_tasks(test, tokenizer, base_path) if test else []
-    device = options.device if options.cuda or options.device != "cpu" else "cpu"
+    device = options.device or "cpu"
     model = tune.load_model(base_path, device)
     limit = int(max_memory * 2**30) if max_memory else tune.default_max_memory()
     former = tune.Former(config, options, limit, model, in_memory=eval_cmd is None)

@@ -148,30 +148,25 @@ def make(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> Dict[str, 
     return paths
 
 
-@torch.no_grad()
 def accuracy(model_dir: str, n: int = 200, seed: int = 1234) -> Dict[str, float]:
-    """Exact-match accuracy of greedy answers, per task, on held-out samples."""
-    from transformers import AutoModelForCausalLM
+    """Exact-match accuracy of greedy answers (then the end token), per task, on
+    held-out samples: `mergekit-awd tune`'s own scorer (one teacher-forced pass)."""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    scores = {}
+    from mergekit_awd import evaluate, tune
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tasks = []
     for task, fn in TASKS.items():
         rng = random.Random(seed)
-        correct = 0
+        examples = []
         for _ in range(n):
             prompt, answer = fn(rng)
-            ids = torch.tensor([[_STOI["<s>"]] + encode(prompt)])
-            out = model.generate(
-                ids,
-                max_new_tokens=len(answer) + 1,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=2,
-            )
-            got = out[0, ids.shape[1] :].tolist()
-            correct += got[: len(answer)] == encode(answer)
-        scores[task] = correct / n
-    return scores
+            examples.append((tokenizer(prompt)["input_ids"],
+                             encode(answer) + [tokenizer.eos_token_id]))
+        tasks.append(evaluate.Task(task, "", examples))
+    scores = evaluate.score(tune.load_model(model_dir), tasks)
+    return {task: s["exact"] for task, s in scores.items()}
 
 
 def write_data(out_dir: str, n: int = 100, seed: int = 4321) -> Dict[str, str]:
