@@ -1,6 +1,6 @@
 """What `mergekit-awd tune` costs per candidate, against merging that candidate.
 
-    python benchmarks/tune_cost.py RECIPE --data name=path ... [--lambda ...] [--rounds 3]
+    python benchmarks/tune_cost.py RECIPE --data name=path ... [--rounds 3] [tune options: --lambda ...]
 
 Runs one `mergekit-awd tune` (a subprocess, wall time measured) and reads each
 candidate's forming and scoring time from its tune.json; then merges the chosen
@@ -27,15 +27,13 @@ def main():
     parser.add_argument("recipe")
     parser.add_argument("--data", action="append", required=True)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("tune_args", nargs=argparse.REMAINDER,
-                        help="after --: more `mergekit-awd tune` options (grid, methods)")
-    args = parser.parse_args()
+    args, tune_args = parser.parse_known_args()  # the rest: `mergekit-awd tune` options
     bin_dir = os.path.dirname(sys.executable)
     work = tempfile.mkdtemp(prefix="tune-cost-")
     tune_out = os.path.join(work, "tune")
     command = [os.path.join(bin_dir, "mergekit-awd"), "tune", args.recipe, "--out", tune_out,
                *[x for d in args.data for x in ("--data", d)],
-               *[a for a in args.tune_args if a != "--"]]
+               *[a for a in tune_args if a != "--"]]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     tune_wall = time.perf_counter() - start

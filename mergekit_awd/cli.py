@@ -236,6 +236,9 @@ def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas,
     if config.base_model.lora is not None:
         raise click.UsageError("tune loads base_model as the model to score: give it "
                                "without a LoRA adapter")
+    if eval_cmd and test:
+        raise click.UsageError("--test is scored by the built-in scorer; with --eval-cmd, "
+                               "run your evaluator on the merge of best.yml (--merge-to)")
     base_path = str(config.base_model.model.path)
     recipe_method = config.merge_method
     method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods

@@ -52,8 +52,8 @@ def test_example_models_merge_with_the_shipped_recipe(tmp_path):
                                            steps=p["steps"])
     merged = reference.load(str(out))
     for key, ref in expected.items():
-        err = (merged[key].double() - ref).norm() / (ref - base_state[key]).norm()
-        assert err < 1e-5, key
+        err, allowed = reference.merge_error_allowed(merged[key], ref, base_state[key])
+        assert err <= allowed, (key, err, allowed)
     scores = examples.accuracy(str(out), n=3)
     assert set(scores) == set(examples.TASKS)
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in scores.values())  # n = 3 prompts

@@ -117,13 +117,19 @@ def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
     from mergekit.config import MergeConfiguration
 
     config = MergeConfiguration.model_validate(recipe)
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
     brute = []
     for i, row in enumerate(rows):
         s = row["settings"]
         cand = tune.Candidate(row["method"], s["lambda"], s.get("alpha"), s.get("keep_delta"),
                               s.get("density"))
         folder = tmp_path / f"c{i}"
-        mergekit_yaml(yaml.safe_load(tune.candidate_config(config, cand).to_yaml()), folder)
+        # what mergekit-yaml runs, in this process (the recipe through its YAML)
+        written = MergeConfiguration.model_validate(
+            yaml.safe_load(tune.candidate_config(config, cand).to_yaml()))
+        run_merge(written, str(folder), options=MergeOptions(quiet=True))
         scores = evaluate.score(tune.load_model(str(folder)), tasks)
         means = {m: evaluate.mean(scores, m) for m in ("exact", "loss")}
         brute.append({"mean": means})
@@ -297,6 +303,7 @@ def test_bad_data_is_named(example, tmp_path, content, message):
     (["--density", "1.5"], "awd parameter 'density' must be a number in (0, 1]; got 1.5"),
     (["--lambda", "0.5,x"], "expected comma-separated numbers"),
     (["--methods", "awd,tiez"], "mergekit has no merge method 'tiez'"),
+    (["--eval-cmd", "echo 1", "--test", "x=nowhere.jsonl"], "--test is scored by the built-in"),
 ])
 def test_bad_grid_is_named(example, tmp_path, args, message):
     root, paths, data, recipe = example
