@@ -91,11 +91,11 @@ def delta_cosine_with_mean(G: np.ndarray, H: np.ndarray, delta_sq: float) -> flo
     return float(np.mean(p) / math.sqrt(delta_sq * mean_sq))
 
 
-# With K task vectors summed (normalize: false), the lambda chosen on validation in
-# the quality benchmarks (README, "When AWD helps") put the total lambda * sum(weights)
-# at 0.8-2.4 for task arithmetic / DARE-TIES / breadcrumbs and 1.2-5.6 for awd
-# (keep_delta 0); mergekit's default lambda 1 puts it at K. The suggestion is a
-# middle value of that range, to be compared with a sweep.
+# With K task vectors summed (normalize: false), the lambda chosen on validation put
+# the total lambda * sum(weights) at 1.2-4 for task arithmetic and awd on the SmolLM2
+# benchmark (docs/benchmarks.md; 0.8-5.6 on the earlier toy benchmarks); mergekit's
+# default lambda 1 puts it at K. The suggestion is a middle value of that range, to
+# be compared on held-out data with `mergekit-awd tune`.
 LAMBDA_TOTAL_RANGE = (0.8, 5.6)
 LAMBDA_TOTAL = 2.4
 
@@ -112,19 +112,20 @@ def lambda_warning(method: str, lam: float, weights: Sequence[float], normalize:
         f"and {len(weights)} task vectors are summed, so the merge adds "
         f"{lam * total_weight:g} task vectors' worth of change; on the benchmarks the "
         f"best lambda * sum(weights) was {low:g}-{high:g}. Set 'lambda: "
-        f"{LAMBDA_TOTAL / total_weight:.2g}' (or compare a few with 'mergekit-awd sweep'), "
-        f"or 'normalize: true'."
+        f"{LAMBDA_TOTAL / total_weight:.2g}' (or choose it on held-out data with "
+        f"'mergekit-awd tune'), or 'normalize: true'."
     )
 
 
 def advice(cosine: float, delta_relative: float) -> Optional[str]:
     """What the numbers suggest (None: nothing to say).
 
-    The evidence (README, "When AWD helps") does not let the numbers decide
-    between keep_delta 0 and 1: with delta this close to the mean task vector,
-    adding it back gained ~21 points where delta was a shared instruct stage
-    (0.86 of the RMS task vector) and lost ~7 where it was a shared auxiliary
-    objective (0.31). So the advice is to compare, not a verdict.
+    On the SmolLM2 benchmark (docs/benchmarks.md) fine-tunes of a shared extra
+    stage merged over the instruct model gave cos 1.00 here (||delta|| 0.55 of the
+    RMS task vector), and every method scored more merged over the stage itself
+    (task arithmetic 35.6 vs 28.1, awd 34.4 vs 25.6); earlier toy benchmarks found
+    keep_delta 1 helping in one such case and hurting in another. So the advice
+    is the shared checkpoint first, then to compare, not a verdict.
     """
     if cosine < SHARED_STAGE_COSINE:
         return None
@@ -133,9 +134,9 @@ def advice(cosine: float, delta_relative: float) -> Optional[str]:
         f"{delta_relative:.2f} of the RMS task vector): the fine-tunes share a "
         f"component (a shared stage such as instruction tuning, or shared training "
         f"data) that AWD removes from every model. If it is knowledge to keep, merge "
-        f"with the shared checkpoint as base_model, or compare keep_delta: 1 with "
-        f"keep_delta: 0 on held-out data (on the benchmarks it was needed for a shared "
-        f"instruct stage and cost points for a shared auxiliary objective)."
+        f"with the shared checkpoint as base_model (on the SmolLM2 benchmark every "
+        f"method scored 7-9 points more that way), or compare keep_delta: 1 with "
+        f"keep_delta: 0 on held-out data (mergekit-awd tune --keep-delta 0,1)."
     )
 
 
