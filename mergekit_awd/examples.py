@@ -123,15 +123,28 @@ def _save_tokenizer(path: str) -> None:
 
 
 def make(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> Dict[str, str]:
-    """Pretrain the base, fine-tune one copy per task; skip what is already on disk."""
-    # one thread and deterministic kernels: the same weights on every machine of a
-    # kind (the thread count changes float summation order, and so the training)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    """Pretrain the base, fine-tune one copy per task; skip what is already on disk.
+
+    One thread and deterministic kernels while training: the same weights on
+    every machine of a kind (the thread count changes the float summation order,
+    and so the training). The caller's settings are restored afterwards."""
     paths = {"base": os.path.join(out_dir, "base")}
     paths.update({t: os.path.join(out_dir, t) for t in TASKS})
     if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
         return paths
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _make(paths, base_steps, ft_steps)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    return paths
+
+
+def _make(paths: Dict[str, str], base_steps: int, ft_steps: int) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -145,7 +158,6 @@ def make(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> Dict[str, 
         model.save_pretrained(paths[task])
         _save_tokenizer(paths[task])
         print(f"fine-tuned {task}: {paths[task]}")
-    return paths
 
 
 def accuracy(model_dir: str, n: int = 200, seed: int = 1234) -> Dict[str, float]:

@@ -16,7 +16,11 @@ def test_example_models_merge_with_the_shipped_recipe(tmp_path):
     from mergekit_awd import examples
 
     models = tmp_path / "tiny-llama"
+    threads = torch.get_num_threads()
     paths = examples.make(str(models), base_steps=30, ft_steps=10)
+    # it trains on one thread, deterministically, and leaves the caller's settings
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
     assert sorted(paths) == sorted(["base", *examples.TASKS])
     # fine-tuning really changed the weights
     from safetensors.torch import load_file
