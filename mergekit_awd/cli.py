@@ -221,7 +221,6 @@ def _recipe_value(config, name: str):
 def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas, densities,
           metric, eval_cmd, out_dir, merge_to, max_memory, batch_tokens):
     import json
-    import math
     import shlex
     import subprocess
     import sys

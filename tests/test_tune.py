@@ -2,7 +2,6 @@
 choice is brute force's, the final merge reuses the Gram pass, bad input is named."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -187,7 +186,6 @@ def test_merge_to_reuses_the_gram_pass(example, tmp_path, monkeypatch):
 
 def test_known_gram_is_not_used_for_other_solver_settings(example, tmp_path, monkeypatch):
     """A Gram pass offered for other settings (alpha) must not stand in for the merge's."""
-    from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 

@@ -112,7 +112,7 @@ def regime_table(results, regime):
     row("base model (no merge)", [e["base"] for e in entries])
     own = [100 * sum(e["individual"][t][t]["exact"] for t in TASKS) / len(TASKS)
            for e in entries]
-    lines.append(f"| the fine-tunes, each on its own task | | "
+    lines.append("| the fine-tunes, each on its own task | | "
                  + " | ".join(f"{sum(100 * e['individual'][t][t]['exact'] for e in entries) / len(entries):.1f}"
                               for t in TASKS)
                  + f" | **{sum(own) / len(own):.1f}** ± {(max(own) - min(own)) / 2:.1f} | |")
