@@ -15,7 +15,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
-from mergekit_awd import evaluate, report, scope, tune
+from mergekit_awd import evaluate, params, report, scope, tune
 from mergekit_awd.merge_log import MergeLog
 from mergekit_awd.params import AWDParameterError
 
@@ -214,8 +214,10 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
         raise click.ClickException(str(error))
 
 
-def _recipe_value(config, name: str):
-    return (config.parameters or {}).get(name)
+def _recipe_value(config, name: str, default=None):
+    """The recipe's top-level value of ``name``, else ``default``."""
+    value = (config.parameters or {}).get(name)
+    return default if value is None else value
 
 
 def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas, densities,
@@ -243,12 +245,12 @@ def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas,
     method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
                    else list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"])))
     lam_values = _floats(lambdas) or list(tune.DEFAULT_LAMBDAS)
-    alpha_values = _floats(alphas) or [_recipe_value(config, "alpha")
-                                       if _recipe_value(config, "alpha") is not None
-                                       else _default("alpha")]
-    kd_values = _floats(keep_deltas) or [_recipe_value(config, "keep_delta") or 0.0]
-    density_values = _floats(densities) or [_recipe_value(config, "density")
-                                            or tune.DEFAULT_DENSITY]
+    alpha_values = _floats(alphas) or [
+        _recipe_value(config, "alpha", params.declared("alpha").default)]
+    kd_values = _floats(keep_deltas) or [
+        _recipe_value(config, "keep_delta", params.declared("keep_delta").default)]
+    density_values = _floats(densities) or [
+        _recipe_value(config, "density", tune.DEFAULT_DENSITY)]
     candidates = tune.grid(method_list, lam_values, alpha_values, kd_values, density_values)
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -342,17 +344,10 @@ def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas,
                    + f"  mean exact {t['mean']['exact']:.4f}, loss {t['mean']['loss']:.4f}")
     click.echo(f"best: {best_candidate.label}  ->  {os.path.join(out_dir, 'best.yml')}")
     if merge_to and not interrupted:
-        with former.on_disk(best_candidate, merge_to):
-            pass
+        former.merge(best_candidate, merge_to)
         click.echo(f"merged: {merge_to}")
     if interrupted:
         sys.exit(130)
-
-
-def _default(name: str):
-    from mergekit_awd.params import COMMON
-
-    return next(p.default for p in COMMON if p.name == name)
 
 
 def _tune_table(rows, best: int, metric: str) -> str:
@@ -363,13 +358,12 @@ def _tune_table(rows, best: int, metric: str) -> str:
     lines = [head]
     for i, r in enumerate(rows):
         mark = "* " if i == best else "  "
-        cells = "".join(f"{r['scores'][t][metric if metric != 'external' else 'exact']:11.4f}"
-                        for t in tasks)
+        cells = "".join(f"{r['scores'][t][metric]:11.4f}" for t in tasks)  # none: external
         cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
         lines.append(f"{mark}{r['candidate']:{width}s}{cells}")
     what = {"exact": "exact match", "loss": "loss", "external": "--eval-cmd"}[metric]
-    lines.append(f"(per-task columns: {what if metric != 'external' else ''}; * = chosen on "
-                 f"{what})")
+    lines.append(f"(per-task columns: {what}; * = chosen on {what})" if tasks
+                 else f"(* = chosen on {what})")
     return "\n".join(lines)
 
 

@@ -131,6 +131,11 @@ SPARSIFY = (
               "store the sign-consensus mask as int8"),
 )
 
+def declared(name: str) -> Optional[Parameter]:
+    """The declaration of the parameter ``name`` (None: not an awd parameter)."""
+    return next((p for p in COMMON + SPARSIFY if p.name == name), None)
+
+
 # What shapes the one solve of `scope: global`: must not vary per tensor.
 SOLVER_PARAMETERS = ("alpha", "lr", "steps", "optimizer", "units", "select", "adam_max_gb")
 

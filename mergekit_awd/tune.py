@@ -85,14 +85,11 @@ def method_spec(name: str):
                                 f"it has: {known}") from None
 
 
-def _check(method: str, name: str, value: float) -> float:
+def _check(name: str, value: float) -> float:
     """A grid value through the parameter's own type (the error names it)."""
-    for p in params.COMMON + params.SPARSIFY:
-        if p.name == name:
-            from pydantic import TypeAdapter
+    from pydantic import TypeAdapter
 
-            return TypeAdapter(p.type).validate_python(value)
-    return value
+    return TypeAdapter(params.declared(name).type).validate_python(value)
 
 
 def grid(methods: Sequence[str], lambdas: Sequence[float], alphas: Sequence[float],
@@ -102,17 +99,17 @@ def grid(methods: Sequence[str], lambdas: Sequence[float], alphas: Sequence[floa
     for method in methods:
         names = {p.name for p in method_spec(method).parameters}
         awd = method in AWD_METHODS
-        dens = [_check(method, "density", d) for d in densities] if (
+        dens = [_check("density", d) for d in densities] if (
             method in SPARSIFYING and "density" in names) else [None]
         for lam in lambdas:
-            _check(method, "lambda", lam)
+            _check("lambda", lam)
             for alpha in (alphas if awd else [None]):
                 for kd in (keep_deltas if awd else [None]):
                     for d in dens:
                         out.append(Candidate(
                             method, float(lam),
-                            None if alpha is None else _check(method, "alpha", alpha),
-                            None if kd is None else _check(method, "keep_delta", kd), d))
+                            None if alpha is None else _check("alpha", alpha),
+                            None if kd is None else _check("keep_delta", kd), d))
     return out
 
 
@@ -133,14 +130,14 @@ def candidate_config(config, candidate: Candidate):
             else:
                 given.add(name)
     top = dict(cfg.parameters or {}, **overrides)
-    defaults = {p.name: p.default for p in params.COMMON}
     for p in spec.parameters:
         if p.required and p.name not in given and p.name not in top:
-            if p.name not in defaults:
+            ours = params.declared(p.name)
+            if ours is None:
                 raise AWDParameterError(
                     f"{candidate.method} needs parameter '{p.name}', which the recipe does "
                     f"not set; add it to the recipe's parameters")
-            top[p.name] = defaults[p.name]
+            top[p.name] = ours.default
     cfg.parameters = top
     return cfg
 
@@ -304,23 +301,28 @@ class Former:
             if token is not None:
                 scope.IN_MEMORY.reset(token)
 
-    @contextlib.contextmanager
-    def on_disk(self, candidate: Candidate, out_path: Optional[str] = None):
-        """mergekit's run_merge of the candidate into ``out_path`` (default: a temporary
-        folder, removed afterwards); the shared Gram pass is offered to it."""
+    def merge(self, candidate: Candidate, out_path: str) -> None:
+        """mergekit's run_merge of the candidate into ``out_path``, offered the shared
+        Gram pass."""
         from mergekit.merge import run_merge
 
         cfg = candidate_config(self.config, candidate)
-        folder = out_path or tempfile.mkdtemp(prefix="awd-tune-")
         token = scope.KNOWN_GRAM.set(self.known_gram(candidate))
         try:
             with _seeded(self.options):
-                run_merge(cfg, folder, options=self.options, config_source=cfg.to_yaml())
-            yield folder
+                run_merge(cfg, out_path, options=self.options, config_source=cfg.to_yaml())
         finally:
             scope.KNOWN_GRAM.reset(token)
-            if out_path is None:
-                shutil.rmtree(folder, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def on_disk(self, candidate: Candidate):
+        """The candidate merged into a temporary folder, removed afterwards."""
+        folder = tempfile.mkdtemp(prefix="awd-tune-")
+        try:
+            self.merge(candidate, folder)
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _is_method_task(task) -> bool:
