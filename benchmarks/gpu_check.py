@@ -22,12 +22,13 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "example_configs"))
 
 import reference  # noqa: E402
 
 
 def families(sizes, cache):
-    from mergekit_awd import examples
+    import examples
 
     if "tiny" in sizes:
         paths = examples.make(os.path.join(cache, "tiny-llama"))
@@ -91,7 +92,7 @@ def tune_check(cache) -> bool:
     """`mergekit-awd tune` on CPU and with --cuda: the same table and the same choice."""
     import json
 
-    from mergekit_awd import examples
+    import examples
 
     paths = examples.make(os.path.join(cache, "tiny-llama"))
     data = examples.write_data(os.path.join(cache, "tiny-data"), n=100)

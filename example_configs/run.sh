@@ -4,11 +4,11 @@
 # let `mergekit-awd tune` choose the settings on held-out data.
 set -euo pipefail
 . "$(dirname "$0")/../.ci/venv.sh"
-python -m mergekit_awd.examples make example_models/tiny-llama > /dev/null
-python -m mergekit_awd.examples data example_models/data > /dev/null
+python example_configs/examples.py make example_models/tiny-llama > /dev/null
+python example_configs/examples.py data example_models/data > /dev/null
 mergekit-yaml example_configs/tiny-awd.yml out/tiny-awd --quiet "$@"
 mergekit-yaml example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet "$@"
-python -m mergekit_awd.examples eval out/tiny-awd out/tiny-task-arithmetic
+python example_configs/examples.py eval out/tiny-awd out/tiny-task-arithmetic
 echo "AWD-merged model written to $(pwd)/out/tiny-awd"
 echo
 echo "Choosing lambda, keep_delta and the method on held-out data (mergekit-awd tune):"

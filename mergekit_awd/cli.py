@@ -11,15 +11,12 @@ import click
 import yaml
 
 from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
-from mergekit_awd import evaluate, params, report, scope, tune
-from mergekit_awd.merge_log import MergeLog
+from mergekit_awd import context, evaluate, params, report, scope, tune
 from mergekit_awd.params import AWDParameterError
-
-AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
+from mergekit_awd.scope import AWD_METHODS
 
 
 @click.group("mergekit-awd")
@@ -39,10 +36,8 @@ def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collect
         raise click.UsageError(
             f"{config.merge_method!r} is not an AWD method; use one of {', '.join(AWD_METHODS)}"
         )
-    collected = scope.collect_tasks(
-        config.merge_method, _planned(config, options), options.device, "cpu",
-        quiet=options.quiet,
-    )
+    collected = scope.collect_tasks(context.RunContext(options=options), config.merge_method,
+                                    _planned(config, options), options.device, "cpu")
     if not collected.tensors:
         raise click.UsageError("the recipe's select: selects no tensor")
     return collected
@@ -62,19 +57,16 @@ def _planned(config: MergeConfiguration, options: MergeOptions) -> list:
 
 def analyze(collected: scope.Collected, **overrides) -> Dict:
     """The report of the recipe's solve(s) (one global, or one per tensor)."""
-    s = dataclasses.replace(collected.settings, **overrides)
-    log = MergeLog()
+    s = collected.settings.replace(**overrides)
+    run = context.RunContext()
     if s.scope == "global":
         parts = [collected]
     else:
         parts = [dataclasses.replace(collected, tensors=[t]) for t in collected.tensors]
     for part in parts:
-        taus = [t.taus for t in part.tensors if t.taus is not None]
-        G = part.G
-        solution = scope.solve(G, part.numel, s, taus)
-        log.add(collected.models, s, [t.name for t in part.tensors], G,
-                scope.disentangled(G, solution, taus), solution, part.numel)
-    return log.report()
+        run.solve(collected.models, s, [t.name for t in part.tensors], part.G, part.numel,
+                  [t.taus for t in part.tensors if t.taus is not None])
+    return run.log.report()
 
 
 @main.command("report", cls=PrettyPrintHelp)
@@ -133,15 +125,10 @@ def sweep_command(merge_options: MergeOptions, config_file: str, alphas, lambdas
     if merge_to:
         for alpha, lam in rows:
             out = os.path.join(merge_to, f"alpha{alpha:g}_lambda{lam:g}")
-            cfg = config.model_copy(deep=True)
-            cfg.parameters = dict(cfg.parameters or {}, alpha=alpha, **{"lambda": lam})
-            _merge(cfg, cfg.to_yaml(), out, merge_options)
+            cfg = tune.candidate_config(config, tune.Candidate(
+                config.merge_method, (("lambda", lam), ("alpha", alpha))))
+            context.run_merge(cfg, out, merge_options, source=cfg.to_yaml())
             click.echo(f"merged: {out}")
-
-
-def _merge(config: MergeConfiguration, source: str, out_path: str, options: MergeOptions):
-    """mergekit's run_merge; the awd report is written as it returns."""
-    run_merge(config, out_path, options=options, config_source=source)
 
 
 @main.command("merge", cls=PrettyPrintHelp)
@@ -152,7 +139,33 @@ def merge_command(merge_options: MergeOptions, config_file: str, out_path: str):
     """`mergekit-yaml` with the plugin loaded explicitly, plus the awd report."""
     merge_options.apply_global_options()
     config, source = _load(config_file)
-    _merge(config, source, out_path, merge_options)
+    context.run_merge(config, out_path, merge_options, source=source)
+
+
+def _knob_options(command):
+    """One ``--NAME`` option per tune knob (``params.TUNABLE``)."""
+    for p in reversed(params.TUNABLE):
+        if p.tune == ():
+            default = "the recipe's"
+        else:
+            default = ",".join(f"{x:g}" for x in p.tune)
+            default = f"the recipe's, else {default}" if p.tune_recipe_first else default
+        where = " for methods that sparsify" if p.per_model else (
+            " for AWD methods" if p.role == "solver" or p.tune == () else "")
+        command = click.option(f"--{p.name.replace('_', '-')}", p.name, default=None,
+                               help=f"comma-separated {p.name} values{where} "
+                                    f"(default: {default})")(command)
+    return command
+
+
+def _knob_values(p, given: Optional[str], config) -> List[float]:
+    """The values ``--NAME`` gives, else the knob's default ones."""
+    if given is not None:
+        return _floats(given)
+    recipe = (config.parameters or {}).get(p.name)
+    if recipe is not None and (p.tune == () or p.tune_recipe_first):
+        return [recipe]
+    return list(p.tune) or [p.default]
 
 
 @main.command("tune", cls=PrettyPrintHelp)
@@ -166,16 +179,7 @@ def merge_command(merge_options: MergeOptions, config_file: str, out_path: str):
 @click.option("--methods", default=None,
               help="comma-separated merge methods to compare (default: the recipe's, "
                    "task_arithmetic, ties)")
-@click.option("--lambda", "lambdas", default=None,
-              help=f"comma-separated lambda values (default: "
-                   f"{','.join(f'{x:g}' for x in tune.DEFAULT_LAMBDAS)})")
-@click.option("--alpha", "alphas", default=None,
-              help="comma-separated alpha values for AWD methods (default: the recipe's)")
-@click.option("--keep-delta", "keep_deltas", default=None,
-              help="comma-separated keep_delta values for AWD methods (default: the recipe's)")
-@click.option("--density", "densities", default=None,
-              help=f"comma-separated density values for methods that sparsify "
-                   f"(default: the recipe's, else {tune.DEFAULT_DENSITY:g})")
+@_knob_options
 @click.option("--metric", type=click.Choice(["exact", "loss"]), default="exact",
               show_default=True,
               help="the score that chooses: exact match of the greedy answer (higher is "
@@ -196,8 +200,7 @@ def merge_command(merge_options: MergeOptions, config_file: str, out_path: str):
               help="tokens per scoring batch")
 @add_merge_options
 def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
-                 lambdas, alphas, keep_deltas, densities, metric, eval_cmd, out_dir,
-                 merge_to, max_memory, batch_tokens):
+                 metric, eval_cmd, out_dir, merge_to, max_memory, batch_tokens, **knobs):
     """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
 
     Every candidate is the recipe with those values replaced; the winner is written
@@ -206,22 +209,16 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
     merge_options.apply_global_options()
     config, _ = _load(config_file)
     try:
-        _tune(config, merge_options, data=data, test=test, methods=methods, lambdas=lambdas,
-              alphas=alphas, keep_deltas=keep_deltas, densities=densities, metric=metric,
+        _tune(config, merge_options, data=data, test=test, methods=methods,
+              knobs={p.name: knobs[p.name] for p in params.TUNABLE}, metric=metric,
               eval_cmd=eval_cmd, out_dir=out_dir, merge_to=merge_to, max_memory=max_memory,
               batch_tokens=batch_tokens)
     except (evaluate.AWDDataError, AWDParameterError) as error:
         raise click.ClickException(str(error))
 
 
-def _recipe_value(config, name: str, default=None):
-    """The recipe's top-level value of ``name``, else ``default``."""
-    value = (config.parameters or {}).get(name)
-    return default if value is None else value
-
-
-def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas, densities,
-          metric, eval_cmd, out_dir, merge_to, max_memory, batch_tokens):
+def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_dir,
+          merge_to, max_memory, batch_tokens):
     import json
     import shlex
     import subprocess
@@ -244,14 +241,8 @@ def _tune(config, options, *, data, test, methods, lambdas, alphas, keep_deltas,
     recipe_method = config.merge_method
     method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
                    else list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"])))
-    lam_values = _floats(lambdas) or list(tune.DEFAULT_LAMBDAS)
-    alpha_values = _floats(alphas) or [
-        _recipe_value(config, "alpha", params.declared("alpha").default)]
-    kd_values = _floats(keep_deltas) or [
-        _recipe_value(config, "keep_delta", params.declared("keep_delta").default)]
-    density_values = _floats(densities) or [
-        _recipe_value(config, "density", tune.DEFAULT_DENSITY)]
-    candidates = tune.grid(method_list, lam_values, alpha_values, kd_values, density_values)
+    candidates = tune.grid(method_list, {p.name: _knob_values(p, knobs[p.name], config)
+                                         for p in params.TUNABLE})
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tasks = evaluate.load_tasks(data, tokenizer, base_path)

@@ -1,13 +1,13 @@
 """What one `awd` merge solved, summed over its solves, for its report and model card.
 
 One global solve (`scope: global`) or one solve per tensor (`scope: tensor`)
-is added here by the kernel; ``scope.MergeState`` owns the log of its merge
-and writes the report when the merge is over.
+is added here, by ``context.RunContext.solve`` (which holds the merge's lock);
+the merge's ``RunContext`` owns its log and writes the report when the merge
+is over.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -31,7 +31,6 @@ class MergeLog:
     solves: int = 0
     numel: int = 0
     w: Optional[np.ndarray] = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def empty(self) -> bool:
@@ -40,20 +39,19 @@ class MergeLog:
     def add(self, models, settings, names: List[str], G, H, solution: solver.Solution,
             numel: int) -> None:
         losses = np.asarray(solution.losses, dtype=np.float64)
-        with self.lock:
-            if self.settings is None:
-                self.models, self.settings = tuple(models), settings
-            self.G = G if self.G is None else self.G + G
-            self.H = H if self.H is None else self.H + H
-            if self.losses is None:
-                self.losses, self.curves = losses, 1
-            elif len(self.losses) == len(losses):
-                self.losses, self.curves = self.losses + losses, self.curves + 1
-            self.delta_sq += solver.delta_norm_sq(G, solution)
-            self.tensors.extend(names)
-            self.solves += 1
-            self.numel += numel
-            self.w = solution.w if self.solves == 1 else None
+        if self.settings is None:
+            self.models, self.settings = tuple(models), settings
+        self.G = G if self.G is None else self.G + G
+        self.H = H if self.H is None else self.H + H
+        if self.losses is None:
+            self.losses, self.curves = losses, 1
+        elif len(self.losses) == len(losses):
+            self.losses, self.curves = self.losses + losses, self.curves + 1
+        self.delta_sq += solver.delta_norm_sq(G, solution)
+        self.tensors.extend(names)
+        self.solves += 1
+        self.numel += numel
+        self.w = solution.w if self.solves == 1 else None
 
     def report(self) -> Dict:
         from mergekit_awd.report import summarize

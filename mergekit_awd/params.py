@@ -8,7 +8,9 @@ ValueError, which pydantic would rewrap) naming the parameter, the value and
 what is allowed, in one line.
 
 ``Settings`` is the one typed object the rest of the package works with: the
-resolved values of one tensor (``Settings.of(p)``).
+resolved values of one tensor (``Settings.of(p)``), one field per declaration.
+The method's spec gives mergekit ``None`` as every default, so ``Settings``
+knows which parameters the recipe set (``given``) without reading the recipe.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 from pydantic import BaseModel, PlainValidator, TypeAdapter, ValidationError
@@ -31,32 +33,13 @@ class AWDInputError(Exception):
     """An input model cannot be merged as given (NaN/Inf, missing tensor, shapes)."""
 
 
-def _checked(
-    name: str,
-    base_type: type,
-    expect: str,
-    check: Callable[[Any], bool] = lambda value: True,
-):
-    adapter = TypeAdapter(base_type)
-
-    def validate(value: Any) -> Any:
-        try:
-            converted = adapter.validate_python(value)
-        except ValidationError:
-            converted = None
-        if converted is None or not check(converted):
-            raise AWDParameterError(
-                f"awd parameter '{name}' must be {expect}; got {value!r}"
-            )
-        return converted
-
-    return Annotated[base_type, PlainValidator(validate)]
+def _kind(base_type: type, expect: str, check: Callable[[Any], bool] = lambda v: True):
+    """A parameter's type: a base type, what is allowed (in words) and the check."""
+    return base_type, expect, check
 
 
-def _choice(name: str, choices: Tuple[str, ...]):
-    return _checked(
-        name, str, "one of " + ", ".join(choices), lambda value: value in choices
-    )
+def _choice(*choices: str):
+    return _kind(str, "one of " + ", ".join(choices), lambda value: value in choices)
 
 
 def _finite(value: float) -> bool:
@@ -79,113 +62,189 @@ def _at_least(low: float):
 
 @dataclass(frozen=True)
 class Parameter:
+    """One recipe parameter: everything else (mergekit's ParameterSpec, ``Settings``,
+    the solver key, the report's and card's keys, grid checks) is derived from it.
+
+    ``role``: ``solver`` shapes the solve of delta (one value for a whole
+    `scope: global` solve); ``combine`` shapes how the disentangled vectors are
+    combined (handed on to mergekit's combining method when it has the parameter).
+    ``attr``: the ``Settings`` attribute (per-model values are tuples).
+    """
+
     name: str
-    type: Any
+    kind: tuple  # (base type, what is allowed in words, check): see ``_kind``
     default: Any
     description: str
+    role: str = "combine"
     per_model: bool = False
+    attr: str = ""
+    # `mergekit-awd tune --NAME`: None = not a tune knob; otherwise the values tried
+    # when the option is not given: these, or () = the recipe's value (else default)
+    tune: Optional[tuple] = None
+    tune_recipe_first: bool = True  # the recipe's value beats ``tune`` when set
+
+    @property
+    def field(self) -> str:
+        return self.attr or self.name
+
+    @property
+    def type(self):
+        """The pydantic type mergekit validates the recipe's value with: one line
+        naming the parameter, the value and what is allowed. ``None`` passes: it is
+        what mergekit hands over for a parameter the recipe does not set."""
+        base_type, expect, check = self.kind
+        adapter, name = TypeAdapter(base_type), self.name
+
+        def validate(value: Any) -> Any:
+            if value is None:
+                return None
+            try:
+                converted = adapter.validate_python(value)
+            except ValidationError:
+                converted = None
+            if converted is None or not check(converted):
+                raise AWDParameterError(
+                    f"awd parameter '{name}' must be {expect}; got {value!r}")
+            return converted
+
+        return Annotated[base_type, PlainValidator(validate)]
 
 
 # Defaults in relative units (docs/design.md, "Units"): one alpha/lr for any
 # model and tensor size. The evidence behind each is in docs/benchmarks.md.
 COMMON = (
-    Parameter("weight", _checked("weight", float, "a finite number", _finite), 1.0,
-              "per-model weight of its task vector", per_model=True),
-    Parameter("lambda", _checked("lambda", float, "a finite number", _finite), 1.0,
-              "scale of the summed disentangled task vectors"),
-    Parameter("alpha", _checked("alpha", float, "a finite number >= 0", _at_least(0)), 0.001,
-              "weight of ||delta|| against orthogonality (see units)"),
-    Parameter("lr", _checked("lr", float, "a finite number > 0",
+    Parameter("weight", _kind(float, "a finite number", _finite), 1.0,
+              "per-model weight of its task vector", per_model=True, attr="weights"),
+    Parameter("lambda", _kind(float, "a finite number", _finite), 1.0,
+              "scale of the summed disentangled task vectors", attr="lam",
+              tune=(0.25, 0.5, 0.75, 1.0, 1.5), tune_recipe_first=False),
+    Parameter("alpha", _kind(float, "a finite number >= 0", _at_least(0)), 0.001,
+              "weight of ||delta|| against orthogonality (see units)", role="solver",
+              tune=()),
+    Parameter("lr", _kind(float, "a finite number > 0",
                              lambda v: _finite(v) and v > 0), 0.005,
-              "step size: plain GD for sgd, Adam's lr for adam (see units)"),
-    Parameter("steps", _checked("steps", int, "an integer >= 0", lambda v: v >= 0), 1000,
-              "solver steps N; 0 = plain task arithmetic"),
-    Parameter("optimizer", _choice("optimizer", ("sgd", "adam")), "sgd",
-              "sgd (Algorithm 1, exact in Gram space) or adam (full space)"),
-    Parameter("scope", _choice("scope", ("global", "tensor")), "global",
+              "step size: plain GD for sgd, Adam's lr for adam (see units)", role="solver"),
+    Parameter("steps", _kind(int, "an integer >= 0", lambda v: v >= 0), 1000,
+              "solver steps N; 0 = plain task arithmetic", role="solver"),
+    Parameter("optimizer", _choice("sgd", "adam"), "sgd",
+              "sgd (Algorithm 1, exact in Gram space) or adam (full space)", role="solver"),
+    Parameter("scope", _choice("global", "tensor"), "global",
               "global (one delta for the model, the paper) or tensor"),
-    Parameter("units", _choice("units", ("relative", "raw")), "relative",
-              "relative (scale-free alpha/lr) or raw (the paper's units)"),
-    Parameter("select", _checked("select", str, "'linear', 'all' or a valid regular "
+    Parameter("units", _choice("relative", "raw"), "relative",
+              "relative (scale-free alpha/lr) or raw (the paper's units)", role="solver"),
+    Parameter("select", _kind(str, "'linear', 'all' or a valid regular "
                                  "expression on tensor names", _valid_select), "linear",
-              "tensors to disentangle: linear, all, or a regex on names"),
-    Parameter("others", _choice("others", ("task_arithmetic", "base")), "task_arithmetic",
+              "tensors to disentangle: linear, all, or a regex on names", role="solver"),
+    Parameter("others", _choice("task_arithmetic", "base"), "task_arithmetic",
               "tensors not selected: task_arithmetic or base"),
-    Parameter("normalize", _checked("normalize", bool, "true or false"), False,
+    Parameter("normalize", _kind(bool, "true or false"), False,
               "divide by the sum of weights, as task_arithmetic does"),
-    Parameter("keep_delta", _checked("keep_delta", float, "a finite number >= 0",
+    Parameter("keep_delta", _kind(float, "a finite number >= 0",
                                      _at_least(0)), 0.0,
-              "add keep_delta * delta back to the merge (0 = the paper)"),
-    Parameter("adam_max_gb", _checked("adam_max_gb", float, "a finite number of GB > 0",
+              "add keep_delta * delta back to the merge (0 = the paper)", tune=()),
+    Parameter("adam_max_gb", _kind(float, "a finite number of GB > 0",
                                       lambda v: _finite(v) and v > 0), 8.0,
-              "memory allowed for adam's resident task vectors (scope: global)"),
+              "memory allowed for adam's resident task vectors (scope: global)",
+              role="solver"),
 )
 
 SPARSIFY = (
-    Parameter("density", _checked("density", float, "a number in (0, 1]",
+    Parameter("density", _kind(float, "a number in (0, 1]",
                                   lambda v: _finite(v) and 0 < v <= 1), 1.0,
-              "fraction of each disentangled vector kept", per_model=True),
-    Parameter("rescale", _checked("rescale", bool, "true or false"), False,
+              "fraction of each disentangled vector kept", per_model=True,
+              attr="densities", tune=(0.5,)),
+    Parameter("rescale", _kind(bool, "true or false"), False,
               "rescale kept entries to the original L1 norm"),
-    Parameter("int8_mask", _checked("int8_mask", bool, "true or false"), False,
+    Parameter("int8_mask", _kind(bool, "true or false"), False,
               "store the sign-consensus mask as int8"),
 )
 
+DECLARED = COMMON + SPARSIFY
+TUNABLE = tuple(p for p in DECLARED if p.tune is not None)
+
+
 def declared(name: str) -> Optional[Parameter]:
     """The declaration of the parameter ``name`` (None: not an awd parameter)."""
-    return next((p for p in COMMON + SPARSIFY if p.name == name), None)
+    return next((p for p in DECLARED if p.name == name), None)
 
 
-# What shapes the one solve of `scope: global`: must not vary per tensor.
-SOLVER_PARAMETERS = ("alpha", "lr", "steps", "optimizer", "units", "select", "adam_max_gb")
+def of_task(task, name: str) -> Any:
+    """The value of shared parameter ``name`` in a planned task (unset: the default)."""
+    value = task.parameters.get(name)
+    return declared(name).default if value is None else value
 
 
-@dataclass(frozen=True)
-class Settings:
-    """One tensor's resolved parameters (per-model values as tuples in input order)."""
+def validate(name: str, value: Any) -> Any:
+    """``value`` through the parameter's own type (the error names it)."""
+    return TypeAdapter(declared(name).type).validate_python(value)
 
-    weights: Tuple[float, ...]
-    lam: float
-    alpha: float
-    lr: float
-    steps: int
-    optimizer: str
-    scope: str
-    units: str
-    select: str
-    others: str
-    normalize: bool
-    keep_delta: float
-    adam_max_gb: float
-    densities: Optional[Tuple[float, ...]] = None
-    rescale: bool = False
-    int8_mask: bool = False
+
+class _SettingsMethods:
+    """Behaviour of ``Settings`` (its fields come from the declarations above)."""
 
     @classmethod
-    def of(cls, p: Mapping[str, Any], model_ids) -> "Settings":
-        values = {
-            f.name: p[f.name]
-            for f in fields(cls)
-            if f.name in p and f.name not in ("weights", "lam", "densities")
-        }
-        densities = p.get("density")
-        return cls(
-            weights=tuple(float(p["weight"][m]) for m in model_ids),
-            lam=p["lambda"],
-            densities=None if densities is None else tuple(densities[m] for m in model_ids),
-            **values,
-        )
+    def of(cls, p: Mapping[str, Any], model_ids, defaults: Mapping[str, Any] = None
+           ) -> "Settings":
+        """One tensor's values as mergekit resolved them; ``None`` (what the method's
+        spec gives mergekit as default) is "not set": the declared default then, and
+        the name is left out of ``given``."""
+        defaults = defaults or {}
+        values, given = {}, set()
+        for d in DECLARED:
+            if d.name not in p:
+                continue
+            raw = p[d.name]
+            if d.per_model:
+                raw = [raw[m] for m in model_ids]
+                if any(v is not None for v in raw):
+                    given.add(d.name)
+                fallback = defaults.get(d.name, d.default)
+                values[d.field] = tuple(fallback if v is None else v for v in raw)
+            else:
+                if raw is not None:
+                    given.add(d.name)
+                values[d.field] = defaults.get(d.name, d.default) if raw is None else raw
+        if "weights" in values:
+            values["weights"] = tuple(float(v) for v in values["weights"])
+        return cls(given=frozenset(given), **values)
+
+    def value(self, name: str) -> Any:
+        """The value of the recipe parameter ``name`` (per-model: a tuple)."""
+        return getattr(self, declared(name).field)
 
     def solver_key(self) -> Tuple:
-        return tuple(getattr(self, name) for name in SOLVER_PARAMETERS)
+        """What shapes a solve: one value per ``solver`` parameter."""
+        return tuple(getattr(self, d.field) for d in DECLARED if d.role == "solver")
+
+    def solver_differences(self, other: "Settings") -> list:
+        """(name, this value, other value) of each solver parameter that differs."""
+        return [(d.name, getattr(self, d.field), getattr(other, d.field))
+                for d in DECLARED if d.role == "solver"
+                and getattr(self, d.field) != getattr(other, d.field)]
+
+    def replace(self, **values) -> "Settings":
+        """A copy with recipe parameters replaced (by their recipe names)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **{declared(k).field: v for k, v in values.items()})
 
     def public(self) -> dict:
-        """The shared parameters under their recipe names (for the report)."""
-        out = {p.name: getattr(self, "lam" if p.name == "lambda" else p.name)
-               for p in COMMON if not p.per_model}
-        if self.densities is not None:
-            out.update(rescale=self.rescale, int8_mask=self.int8_mask)
-        return out
+        """The shared parameters under their recipe names (for the report and card)."""
+        return {d.name: getattr(self, d.field) for d in DECLARED
+                if not d.per_model and (d in COMMON or self.densities is not None)}
+
+
+Settings = make_dataclass(
+    "Settings",
+    [(d.field, Any, field(default=None)) for d in DECLARED]
+    + [("given", frozenset, field(default=frozenset()))],
+    bases=(_SettingsMethods,),
+    frozen=True,
+)
+Settings.__doc__ = ("One tensor's resolved parameters, one field per declared parameter "
+                    "(per-model values as tuples in input order); ``given``: the names "
+                    "the recipe set.")
+Settings.__module__ = __name__
 
 
 def check_known(method: str, known: Iterable[str], given: Mapping[str, Iterable[str]]) -> None:

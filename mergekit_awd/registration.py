@@ -12,11 +12,8 @@ def register_all() -> None:
     known = {method.spec.name for method in registry.registered_methods()}
     methods = (
         AWDMerge("awd"),
-        # defaults as mergekit's ties / dare_ties
-        AWDMerge("awd_ties", pretty_name="AWD with TIES", combine_with="ties",
-                 default_normalize=True),
-        AWDMerge("awd_dare_ties", pretty_name="AWD with DARE TIES", combine_with="dare_ties",
-                 default_rescale=True),
+        AWDMerge("awd_ties", pretty_name="AWD with TIES", combine_with="ties"),
+        AWDMerge("awd_dare_ties", pretty_name="AWD with DARE TIES", combine_with="dare_ties"),
     )
     for method in methods:
         if method.spec.name not in known:

@@ -289,9 +289,7 @@ def card_section(report: Dict, heatmap: Optional[str] = "awd_cosine.svg") -> str
         )
     )
     picture = f"\n![cosine similarity before and after]({heatmap})\n" if heatmap else ""
-    keys = ("lambda", "alpha", "lr", "steps", "optimizer", "scope", "units", "select", "others",
-            "keep_delta")
-    hyper = ", ".join(f"{k}={p[k]}" for k in keys if k in p)
+    hyper = ", ".join(f"{k}={v}" for k, v in p.items())
     return f"""
 ## Adaptive Weight Disentanglement
 

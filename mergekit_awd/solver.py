@@ -246,8 +246,15 @@ def _steps_unrolled(G: np.ndarray, M: np.ndarray, alpha: float, lr: float, steps
 
 @lru_cache(maxsize=64)
 def _unrolled(K: int, pairs: tuple):
+    """The compiled steps for K, registered with ``linecache`` under their own file
+    name so that tracebacks, pdb and profilers show the generated lines."""
+    import linecache
+
+    source = _unrolled_source(K, pairs)
+    filename = f"<mergekit_awd.solver steps K={K} pairs={abs(hash(pairs)):x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict = {}
-    exec(compile(_unrolled_source(K, pairs), f"<awd steps K={K}>", "exec"), namespace)
+    exec(compile(source, filename, "exec"), namespace)
     return namespace["run"]
 
 

@@ -16,13 +16,14 @@ Two ways to form a candidate:
   setting (under ``scope: global``): forming one costs the combination alone;
 - on disk (``on_disk``), otherwise, or for ``--eval-cmd``: mergekit's ``run_merge``
   into a temporary folder, removed after scoring. AWD candidates still share one
-  Gram pass (``scope.KNOWN_GRAM``).
+  Gram pass (offered to the candidate's ``RunContext`` as ``known``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -34,38 +35,29 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from mergekit_awd import params, scope
+from mergekit_awd import context, params, scope
 from mergekit_awd.params import AWDParameterError
-
-AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
-DEFAULT_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
+from mergekit_awd.scope import AWD_METHODS
 # mergekit methods whose `density` is their sparsification knob
 SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "awd_ties", "awd_dare_ties")
-DEFAULT_DENSITY = 0.5
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One setting to try: a method and the values that replace the recipe's."""
+    """One setting to try: a method and the recipe parameters it replaces
+    (``values``: (name, value) pairs in the order of ``params.TUNABLE``)."""
 
     method: str
-    lam: float
-    alpha: Optional[float] = None
-    keep_delta: Optional[float] = None
-    density: Optional[float] = None
+    values: tuple = ()
 
     def overrides(self) -> Dict[str, float]:
         """The recipe parameters this candidate sets (under their recipe names)."""
-        out = {"lambda": self.lam}
-        for name in ("alpha", "keep_delta", "density"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
+        return dict(self.values)
 
     @property
     def label(self) -> str:
-        return f"{self.method} " + " ".join(f"{k}={v:g}" for k, v in self.overrides().items())
+        return f"{self.method} " + " ".join(f"{k}={v:g}" for k, v in self.values)
 
     @property
     def is_awd(self) -> bool:
@@ -85,31 +77,22 @@ def method_spec(name: str):
                                 f"it has: {known}") from None
 
 
-def _check(name: str, value: float) -> float:
-    """A grid value through the parameter's own type (the error names it)."""
-    from pydantic import TypeAdapter
+def knobs_of(method: str) -> list:
+    """The tune knobs (``params.TUNABLE``) that ``method`` has; density only where it
+    sparsifies."""
+    names = {p.name for p in method_spec(method).parameters}
+    return [p for p in params.TUNABLE if p.name in names
+            and (not p.per_model or method in SPARSIFYING)]
 
-    return TypeAdapter(params.declared(name).type).validate_python(value)
 
-
-def grid(methods: Sequence[str], lambdas: Sequence[float], alphas: Sequence[float],
-         keep_deltas: Sequence[float], densities: Sequence[float]) -> List[Candidate]:
-    """Every combination of each method's own knobs (validated as the recipe's are)."""
+def grid(methods: Sequence[str], values: Dict[str, Sequence[float]]) -> List[Candidate]:
+    """Every combination of each method's own knobs (``values``: name -> the values
+    to try), each value validated as the recipe's are."""
     out = []
     for method in methods:
-        names = {p.name for p in method_spec(method).parameters}
-        awd = method in AWD_METHODS
-        dens = [_check("density", d) for d in densities] if (
-            method in SPARSIFYING and "density" in names) else [None]
-        for lam in lambdas:
-            _check("lambda", lam)
-            for alpha in (alphas if awd else [None]):
-                for kd in (keep_deltas if awd else [None]):
-                    for d in dens:
-                        out.append(Candidate(
-                            method, float(lam),
-                            None if alpha is None else _check("alpha", alpha),
-                            None if kd is None else _check("keep_delta", kd), d))
+        axes = [[(p.name, params.validate(p.name, float(v))) for v in values[p.name]]
+                for p in knobs_of(method)]
+        out += [Candidate(method, combo) for combo in itertools.product(*axes)]
     return out
 
 
@@ -176,7 +159,7 @@ class Inputs:
 
     def gram(self, tasks) -> scope.Collected:
         """The kernel's own Gram pass, over the inputs already read."""
-        return scope.collect(lambda: list(self.execute(tasks)))
+        return scope.collect(context.RunContext(), lambda: list(self.execute(tasks)))
 
 
 def _key(gather) -> tuple:
@@ -215,7 +198,7 @@ class Former:
         self.model = model
         self.inputs: Optional[Inputs] = None
         self.collected: Optional[scope.Collected] = None
-        self.states: Dict = {}
+        self.runs: Dict = {}
         self.gram_seconds = 0.0
         self.reason = ""
         if in_memory:
@@ -261,58 +244,45 @@ class Former:
             self.collected = self.inputs.gram(awd_tasks)
         else:
             self.collected = scope.collect_tasks(
-                awd[0].method, awd_tasks, self.options.device, "cpu",
-                quiet=self.options.quiet)
+                context.RunContext(options=self.options), awd[0].method, awd_tasks,
+                self.options.device, "cpu")
         self.gram_seconds = time.perf_counter() - start
 
     def known_gram(self, candidate: Candidate) -> Optional[scope.Collected]:
         """The shared Gram pass, with this candidate's settings (None: not global)."""
         if self.collected is None or self.collected.settings is None or not candidate.is_awd:
             return None
-        s = self.collected.settings
-        changes = {"lam": candidate.lam}
-        if candidate.alpha is not None:
-            changes["alpha"] = candidate.alpha
-        if candidate.keep_delta is not None:
-            changes["keep_delta"] = candidate.keep_delta
-        return dataclasses.replace(self.collected, settings=dataclasses.replace(s, **changes))
+        shared = {name: value for name, value in candidate.overrides().items()
+                  if not params.declared(name).per_model}
+        return dataclasses.replace(self.collected,
+                                   settings=self.collected.settings.replace(**shared))
 
-    def _state(self, candidate: Candidate) -> scope.MergeState:
-        """One solve per solver setting, shared by the candidates that have it."""
+    def _run(self, candidate: Candidate) -> context.RunContext:
+        """The candidate's merge context: one solve per solver setting, shared by the
+        candidates that have it (scope: tensor: each tensor solves itself)."""
         known = self.known_gram(candidate)
         if known is None:
-            return scope.MergeState()  # scope: tensor: each tensor solves itself
+            return context.RunContext()
         key = known.settings.solver_key()
-        if key not in self.states:
-            state = scope.MergeState()
-            state.global_solution(lambda: known)
-            self.states[key] = state
-        return self.states[key]
+        if key not in self.runs:
+            self.runs[key] = context.RunContext(known=known)
+            self.runs[key].global_solution(known.settings, known.models)
+        return self.runs[key]
 
     def form(self, candidate: Candidate) -> Dict[str, torch.Tensor]:
         """The candidate's merged tensors, formed from the inputs read once."""
         cfg = candidate_config(self.config, candidate)
         tasks = scope.plan_tensor_tasks(cfg, self.options)
-        token = scope.IN_MEMORY.set(self._state(candidate)) if candidate.is_awd else None
-        try:
-            with _seeded(self.options), _quiet_kernel():
-                return self.inputs.form(tasks, cfg.out_dtype)
-        finally:
-            if token is not None:
-                scope.IN_MEMORY.reset(token)
+        with self._run(candidate).active(), _seeded(self.options), _quiet_kernel():
+            return self.inputs.form(tasks, cfg.out_dtype)
 
     def merge(self, candidate: Candidate, out_path: str) -> None:
         """mergekit's run_merge of the candidate into ``out_path``, offered the shared
         Gram pass."""
-        from mergekit.merge import run_merge
-
         cfg = candidate_config(self.config, candidate)
-        token = scope.KNOWN_GRAM.set(self.known_gram(candidate))
-        try:
-            with _seeded(self.options):
-                run_merge(cfg, out_path, options=self.options, config_source=cfg.to_yaml())
-        finally:
-            scope.KNOWN_GRAM.reset(token)
+        with _seeded(self.options):
+            context.run_merge(cfg, out_path, self.options, source=cfg.to_yaml(),
+                              known=self.known_gram(candidate))
 
     @contextlib.contextmanager
     def on_disk(self, candidate: Candidate):
@@ -332,7 +302,7 @@ def _is_method_task(task) -> bool:
 
 
 def _global_scope(tasks) -> bool:
-    return any(t.parameters.get("scope") == "global" for t in tasks
+    return any(params.of_task(t, "scope") == "global" for t in tasks
                if t.method_name in AWD_METHODS)
 
 

@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the example models' builder (not part of the package)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "example_configs"))
 
 
 @pytest.fixture(scope="session")

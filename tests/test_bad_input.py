@@ -151,3 +151,21 @@ def test_lambda_warning_conditions():
     assert lambda_warning("awd", 1.0, [1, 1], False, explicit=False) is None  # two: TA's sum
     assert lambda_warning("awd", 0.35, [1] * 8, False, explicit=False) is None  # total 2.8
     assert "lambda: 0.3'" in lambda_warning("awd_dare_ties", 1.0, [1] * 8, False, False)
+
+
+def test_adam_global_over_its_memory_is_refused_before_reading(family, tmp_path):
+    """What a 7B merge gets from optimizer: adam (scope: global): the memory it would
+    need, computed from the checkpoint headers before any tensor is read, and what
+    to use instead."""
+    base = load_file(os.path.join(family["base"], "model.safetensors"))
+    numel = sum(t.numel() for n, t in base.items() if reference.paper_selected(n, t))
+    need = (3 + 4) * numel * 4 / 2**30
+    proc = mergekit_yaml(recipe(family["base"], family["fts"], optimizer="adam", steps=5,
+                                adam_max_gb=need / 2), tmp_path / "out", check=False)
+    assert_failed(proc, tmp_path / "out",
+                  f"3 task vectors + 4 of {numel:,} parameters = {need:.3g} GB, over "
+                  f"adam_max_gb={need / 2:g}", "Use optimizer: sgd", "scope: tensor")
+    assert "awd Gram pass" not in proc.stderr  # refused before reading a tensor
+    ok = mergekit_yaml(recipe(family["base"], family["fts"], optimizer="adam", steps=5,
+                              adam_max_gb=need * 1.01), tmp_path / "ok")
+    assert ok.returncode == 0

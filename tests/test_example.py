@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_example_models_merge_with_the_shipped_recipe(tmp_path):
     import yaml
 
-    from mergekit_awd import examples
+    import examples
 
     models = tmp_path / "tiny-llama"
     threads = torch.get_num_threads()

@@ -13,6 +13,7 @@ def _settings(steps):
                     others="task_arithmetic", normalize=False, keep_delta=0.0, adam_max_gb=8.0)
 
 
+
 def test_loss_is_the_mean_of_the_curves_it_sums():
     """Per-tensor `steps` can differ (a filter on steps under scope: tensor): the
     reported curve is the mean of the curves of one length, divided by their number."""

@@ -1,44 +1,67 @@
-"""running.py reads mergekit 0.1.5's own objects off the call stack: check each one
-during a real merge, so that a mergekit release that moves them fails here first."""
+"""mergekit_run reads mergekit 0.1.5's own objects off the call stack: check each one
+during a real merge, so that a mergekit release that moves them fails here first;
+and a moved name is reported loudly, naming it."""
 
+import pytest
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from conftest import recipe
-from mergekit_awd import running, scope
+from mergekit_awd import context, mergekit_run
 from mergekit_awd.method import AWDMerge
 
 
 def test_running_merge_is_visible_to_the_kernel(family, tmp_path, monkeypatch):
     seen = []
-    real = AWDMerge.merge_aligned
+    real = AWDMerge.merge_group
 
-    def probe(self, group, p, state):
-        task, executor = running.current_task(), running.current_executor()
-        if scope.COLLECTING.get() is None:  # not the Gram pass's own executor
-            seen.append((group.metadata.name, task, executor,
-                         running.run_merge(executor.universe)))
-        return real(self, group, p, state)
+    def probe(self, group, /, **p):
+        run = context.current()
+        if run.recorder() is None:  # not the Gram pass's own executor
+            executor = mergekit_run.current_executor()
+            seen.append((group.metadata.name, mergekit_run.current_task(), executor,
+                         mergekit_run.current_inputs(),
+                         mergekit_run.run_merge_call(executor.universe), run))
+        return real(self, group, **p)
 
-    monkeypatch.setattr(AWDMerge, "merge_aligned", probe)
+    monkeypatch.setattr(AWDMerge, "merge_group", probe)
     out = tmp_path / "out"
     options = MergeOptions(copy_tokenizer=False, quiet=True)
-    run_merge(MergeConfiguration.model_validate(recipe(family["base"], family["fts"], steps=5)),
-              str(out), options)
+    config = MergeConfiguration.model_validate(recipe(family["base"], family["fts"], steps=5))
+    run_merge(config, str(out), options)
     assert seen
-    names = set()
-    for name, task, executor, run in seen:
+    names, runs = set(), set()
+    for name, task, executor, inputs, call, run in seen:
         assert task.output_weight.name == name
         assert executor.universe.get_handle(task) is not None
+        assert set(inputs) == set(task.model_order)
         names.add(name)
-        assert run is not None and run.out_path == str(out) and run.options is options
-        assert run.quiet is True and run.config.merge_method == "awd"
-        assert run.executor() is not None  # run_merge's own executor, alive during the merge
+        assert call.out_path == str(out) and call.options is options and call.config is config
+        assert run.out_path == str(out) and run.quiet is True
+        runs.add(id(run))
     assert "model.layers.0.mlp.up_proj.weight" in names
+    assert len(runs) == 1  # one context for the whole merge
+    run = seen[0][-1]
+    assert run.planned > 0 and next(run._merged) == run.planned + 1  # each counted once
 
 
 def test_nothing_is_found_outside_a_merge():
-    assert running.current_task() is None
-    assert running.current_executor() is None
-    assert running.run_merge() is None
+    assert mergekit_run.current_task() is None
+    assert mergekit_run.current_executor() is None
+    assert mergekit_run.run_merge_call() is None
+    assert context.current() is None
+
+
+def test_a_moved_mergekit_name_fails_loudly(monkeypatch):
+    from mergekit import merge
+
+    def run_merge(merge_config, out_path, options, config_source=None):  # no 'exec'
+        executor = None
+        return executor
+
+    monkeypatch.setattr(merge, "run_merge", run_merge)
+    monkeypatch.setattr(mergekit_run, "_CHECKED", False)
+    with pytest.raises(mergekit_run.MergekitMoved,
+                       match=r"mergekit.merge.run_merge: local 'exec'.*mergekit-awd merge"):
+        mergekit_run.check()

@@ -17,7 +17,7 @@ TASKS = ("reverse", "sort", "shift", "add")
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """The tiny example Llama, four real (short) fine-tunes, and held-out JSONL."""
-    from mergekit_awd import examples
+    import examples
 
     root = tmp_path_factory.mktemp("tune")
     paths = examples.make(str(root / "models"), base_steps=60, ft_steps=40)
@@ -63,6 +63,14 @@ def _former(recipe):
     return config, tune.Former(config, options, 2**40, model, in_memory=True)
 
 
+def _candidate(method, lam, alpha=None, keep_delta=None, density=None):
+    from mergekit_awd import tune
+
+    values = (("lambda", lam), ("alpha", alpha), ("keep_delta", keep_delta),
+              ("density", density))
+    return tune.Candidate(method, tuple((k, v) for k, v in values if v is not None))
+
+
 @pytest.mark.parametrize("scope_, candidate", [
     ("global", ("awd", 0.4, 0.01, 0.0, None)),
     ("global", ("awd", 0.4, 0.003, 1.0, None)),          # keep_delta, another alpha
@@ -76,8 +84,8 @@ def test_candidate_in_memory_equals_mergekit_yaml(example, tmp_path, scope_, can
     recipe = json.loads(json.dumps(recipe))
     recipe["parameters"]["scope"] = scope_
     config, former = _former(recipe)
-    cand = tune.Candidate(*candidate)
-    former.prepare([tune.Candidate("awd", 1.0, 0.01, 0.0), cand])
+    cand = _candidate(*candidate)
+    former.prepare([_candidate("awd", 1.0, 0.01, 0.0), cand])
     assert former.in_memory
     formed = former.form(cand)
 
@@ -122,8 +130,8 @@ def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
     brute = []
     for i, row in enumerate(rows):
         s = row["settings"]
-        cand = tune.Candidate(row["method"], s["lambda"], s.get("alpha"), s.get("keep_delta"),
-                              s.get("density"))
+        cand = _candidate(row["method"], s["lambda"], s.get("alpha"), s.get("keep_delta"),
+                          s.get("density"))
         folder = tmp_path / f"c{i}"
         # what mergekit-yaml runs, in this process (the recipe through its YAML)
         written = MergeConfiguration.model_validate(
@@ -164,7 +172,7 @@ def test_merge_to_reuses_the_gram_pass(example, tmp_path, monkeypatch):
     root, paths, data, recipe = example
     passes = []
     real = scope.collect
-    monkeypatch.setattr(scope, "collect", lambda run: passes.append(1) or real(run))
+    monkeypatch.setattr(scope, "collect", lambda ctx, run: passes.append(1) or real(ctx, run))
     merged = tmp_path / "merged"
     result = _tune([_write(tmp_path / "r.yml", recipe), *_data_args(data), *_data_args(data, "test"),
                     "--out", tmp_path / "t", "--methods", "awd", "--lambda", "0.3,0.6",
@@ -186,23 +194,18 @@ def test_merge_to_reuses_the_gram_pass(example, tmp_path, monkeypatch):
 
 def test_known_gram_is_not_used_for_other_solver_settings(example, tmp_path, monkeypatch):
     """A Gram pass offered for other settings (alpha) must not stand in for the merge's."""
-    from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_awd import scope, tune
+    from mergekit_awd import context, scope
 
     _, paths, _, recipe = example
     config, former = _former(recipe)
-    former.prepare([tune.Candidate("awd", 0.5, 0.01, 0.0)])
-    known = former.known_gram(tune.Candidate("awd", 0.5, 0.02, 0.0))  # other alpha
+    former.prepare([_candidate("awd", 0.5, 0.01, 0.0)])
+    known = former.known_gram(_candidate("awd", 0.5, 0.02, 0.0))  # other alpha
     passes = []
     real = scope.collect
-    monkeypatch.setattr(scope, "collect", lambda run: passes.append(1) or real(run))
-    token = scope.KNOWN_GRAM.set(known)
-    try:
-        run_merge(config, str(tmp_path / "m"), options=MergeOptions(quiet=True))
-    finally:
-        scope.KNOWN_GRAM.reset(token)
+    monkeypatch.setattr(scope, "collect", lambda ctx, run: passes.append(1) or real(ctx, run))
+    context.run_merge(config, str(tmp_path / "m"), MergeOptions(quiet=True), known=known)
     assert len(passes) == 1  # the merge made its own
     rep = json.loads((tmp_path / "m" / "awd_report.json").read_text())
     assert rep["parameters"]["alpha"] == 0.01

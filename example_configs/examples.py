@@ -1,7 +1,7 @@
 """Small real checkpoints to merge offline: a tiny Llama and four real fine-tunes.
 
-    python -m mergekit_awd.examples make example_models/tiny-llama
-    python -m mergekit_awd.examples eval OUT_DIR [OUT_DIR ...]
+    python example_configs/examples.py make example_models/tiny-llama
+    python example_configs/examples.py eval OUT_DIR [OUT_DIR ...]
 
 The base is a ~0.2M-parameter Llama pretrained briefly on all four string tasks
 below in a generic format; each fine-tune then trains the whole model on one
@@ -200,7 +200,7 @@ def write_data(out_dir: str, n: int = 100, seed: int = 4321) -> Dict[str, str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mergekit_awd.examples")
+    parser = argparse.ArgumentParser(prog="python example_configs/examples.py")
     sub = parser.add_subparsers(dest="command", required=True)
     p_make = sub.add_parser("make", help="create the example models (skips existing)")
     p_make.add_argument("out_dir")
