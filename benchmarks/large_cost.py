@@ -201,10 +201,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "awd-large"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--build-only", action="store_true", help="make the family and stop")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     paths = build(os.path.join(args.cache, f"llama-{args.size}-k{args.k}"), args.size, args.k)
+    if args.build_only:
+        return
     files = files_of(paths)
     input_gib = sum(os.path.getsize(f) for f in files) / 2**30
     with open("/proc/meminfo") as f:

@@ -14,7 +14,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
-from mergekit_awd import context, evaluate, params, report, scope, tune
+from mergekit_awd import context, evaluate, mergekit_run, params, report, scope, tune
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.scope import AWD_METHODS
 
@@ -45,7 +45,7 @@ def _collect(config: MergeConfiguration, options: MergeOptions) -> scope.Collect
 
 def _planned(config: MergeConfiguration, options: MergeOptions) -> list:
     """The recipe's tensor tasks as mergekit-yaml plans them; a clear error for none."""
-    tasks = scope.plan_tensor_tasks(config, options)
+    tasks = mergekit_run.plan_tensor_tasks(config, options)
     if not tasks:
         raise click.UsageError(
             "mergekit planned no tensor at all for this recipe (it would write a model "

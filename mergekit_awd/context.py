@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import scope
+from mergekit_awd import mergekit_run, scope
 from mergekit_awd.merge_log import MergeLog
 from mergekit_awd.params import AWDInputError, Settings
 
@@ -72,7 +72,7 @@ class RunContext:
         self.known = known  # a Gram pass already made over the same inputs (tune)
         self.planned = planned  # > 0: report when this many tensors are merged
         self._merged = itertools.count(1)  # next() is atomic: no lock for counting
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the global solve records through solve()
         self.log = MergeLog()
         self.solved: Optional[GlobalSolution] = None
         self.error: Optional[BaseException] = None
@@ -87,7 +87,7 @@ class RunContext:
         context = cls(config=config, options=options, out_path=out_path, known=known)
         storage = options.device if options.low_cpu_memory else "cpu"  # as run_merge
         context.gram_pass = lambda: scope.collect_tasks(
-            context, config.merge_method, scope.plan_tensor_tasks(config, options),
+            context, config.merge_method, mergekit_run.plan_tensor_tasks(config, options),
             options.device, storage)
         return context
 
@@ -172,11 +172,10 @@ class RunContext:
             collected = self.gram_pass()
         if collected.settings is None:
             return GlobalSolution(None, frozenset(), {})
-        cs = collected.settings
-        taus = [t.taus for t in collected.tensors if t.taus is not None]
         names = [t.name for t in collected.tensors]
-        solution, H = scope.solve(collected.G, collected.numel, cs, taus)
-        self.log.add(collected.models, cs, names, collected.G, H, solution, collected.numel)
+        solution = self.solve(collected.models, collected.settings, names, collected.G,
+                              collected.numel,
+                              [t.taus for t in collected.tensors if t.taus is not None])
         LOG.info("awd (scope: global): %d parameters; %s", collected.numel,
                  self.log.summary_line())
         delta = dict(zip(names, solution.delta)) if solution.delta is not None else {}

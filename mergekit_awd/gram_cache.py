@@ -72,15 +72,35 @@ def _model_files(model) -> Optional[list]:
     return out
 
 
+def _plain(value, depth: int = 0):
+    """A mergekit task (pydantic models, ImmutableMaps, enums) as plain JSON data,
+    without its ``device`` (where it runs does not change what it reads)."""
+    from pydantic import BaseModel
+
+    if depth > 20:
+        raise ValueError("too deep to describe")
+    if isinstance(value, BaseModel):
+        return [type(value).__name__, {k: _plain(getattr(value, k), depth + 1)
+                                       for k in type(value).model_fields if k != "device"}]
+    if hasattr(value, "items") and callable(value.items):  # dict, ImmutableMap
+        return sorted(([_plain(k, depth + 1), _plain(v, depth + 1)] for k, v in value.items()),
+                      key=lambda kv: json.dumps(kv, sort_keys=True))
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)
+
+
 def _describe(task) -> Optional[list]:
     """What one planned tensor's Gram record depends on (None: cannot describe it)."""
     from mergekit_awd import params
 
     try:
-        reads = task.gather_tensors.model_dump(mode="json", exclude={"device"})
-    except Exception:  # an input task pydantic cannot write out (tokenizer surgery)
+        reads = _plain(task.gather_tensors)
+    except Exception:  # an input mergekit-awd cannot write out
         return None
-    return [task.output_weight.model_dump(mode="json"), reads, str(task.base_model),
+    return [_plain(task.output_weight), reads, str(task.base_model),
             [str(m) for m in task.model_order], params.of_task(task, "select")]
 
 

@@ -19,6 +19,10 @@ call stack, and this module reads exactly these names there (``READS``):
   inputs (a task whose inputs are not floating point is a buffer that mergekit
   copies without calling the method: it still counts towards the merge's end).
 
+It also plans a recipe as ``run_merge`` does (``plan_tensor_tasks``), for the
+entry points that read a recipe's tensors without merging: that needs
+mergekit's private ``mergekit.merge._model_out_config`` (``PRIVATE``).
+
 ``check()`` verifies that these names still exist in the installed mergekit and
 raises ``MergekitMoved``, naming what moved, when they do not: a mergekit
 release that renames one fails loudly instead of silently losing the report,
@@ -40,6 +44,7 @@ READS = {
     "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute": ("self", "tensors"),
 }
 EXECUTOR_ATTRIBUTES = ("universe", "math_device", "storage_device")
+PRIVATE = ("mergekit.merge._model_out_config",)
 
 
 class MergekitMoved(RuntimeError):
@@ -75,6 +80,10 @@ def check() -> None:
         code = getattr(functions.get(where), "__code__", None)
         local = set(code.co_varnames) if code is not None else set()
         missing += [f"{where}: local '{n}'" for n in names if n not in local]
+    from mergekit import merge
+
+    missing += [name for name in PRIVATE
+                if not callable(getattr(merge, name.rsplit(".", 1)[1], None))]
     annotations = getattr(Executor, "__annotations__", {})
     missing += [f"mergekit.graph.Executor.{a}" for a in EXECUTOR_ATTRIBUTES
                 if a not in annotations]
@@ -157,3 +166,22 @@ def run_merge_call(universe=None) -> Optional[RunMergeCall]:
     finally:
         # frames refer to their locals: do not keep a finished merge alive
         del stacks, top, frame
+
+
+def plan_tensor_tasks(config, options) -> list:
+    """The recipe's per-tensor tasks, planned by mergekit's own planner as
+    ``mergekit-yaml`` plans them (nothing is read or written)."""
+    from mergekit import merge
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.plan import MergePlanner
+
+    check()
+    config = config.model_copy(deep=True)
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options)
+    out_config = merge._model_out_config(config, arch_info, options.trust_remote_code)
+    # plan_to_disk only plans (the writer is a task that is never run here);
+    # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
+    planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
+    return [t.tensor_task for t in planned if hasattr(t, "tensor_task")]

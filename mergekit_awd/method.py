@@ -116,26 +116,27 @@ class AWDMerge(GroupMergeMethod):
         run = context.current()
         recorder = run.recorder() if run is not None else None
         if recorder is not None:  # a Gram pass: record, do not merge
-            return self._record(group, p, recorder)
+            return self._record(group, p, recorder, run)
         result = self._merge(group, p, run)
         if run is not None:
             run.tensor_merged()
         return result
 
-    def _settings(self, group: TensorGroup, p: dict):
+    def _settings(self, group: TensorGroup, p: dict, run):
         """(name, model ids, settings, selected?) of one group."""
         model_ids = tuple(e.id for e in group.non_base)
         s = Settings.of(p, model_ids, self.defaults)
         name = group.metadata.name or "<unnamed>"
+        remote = getattr(run.options, "trust_remote_code", None) if run is not None else None
         selected = is_selected(s.select, name, group.base.tensor.ndim,
                                group.metadata.vocabulary_axis,
-                               layer_weight_names(group.base.id))
+                               layer_weight_names(group.base.id, remote))
         return name, model_ids, s, selected
 
-    def _record(self, group: TensorGroup, p: dict, recorder) -> torch.Tensor:
+    def _record(self, group: TensorGroup, p: dict, recorder, run) -> torch.Tensor:
         base = group.base.tensor
         if group.non_base and base.is_floating_point():
-            name, model_ids, s, selected = self._settings(group, p)
+            name, model_ids, s, selected = self._settings(group, p, run)
             if selected:
                 taus = solver.task_vectors(base, [e.tensor for e in group.non_base],
                                            _compute_dtype(base))
@@ -146,7 +147,7 @@ class AWDMerge(GroupMergeMethod):
         base = group.base.tensor
         if not group.non_base or not base.is_floating_point():
             return base
-        name, model_ids, s, selected = self._settings(group, p)
+        name, model_ids, s, selected = self._settings(group, p, run)
         if run is not None:
             self._warn(run, s)
         if not selected:

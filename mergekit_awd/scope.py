@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import params, solver
+from mergekit_awd import gram_cache, params, solver
 from mergekit_awd.params import AWDInputError, AWDParameterError, Settings
 from mergekit_awd.selection import in_layers, layer_weight_names
 
@@ -58,6 +58,16 @@ class Collected:
 
     def add(self, name: str, model_ids: Tuple, settings: Settings, taus: torch.Tensor,
             G: np.ndarray):
+        self.check(name, model_ids, settings)
+        self.tensors.append(
+            TensorRecord(name, G, taus[0].numel(), taus if self.keep_taus else None)
+        )
+        if self.keep_taus:  # where the sizes could not be read before the pass
+            check_adam_memory(settings.adam_max_gb, len(model_ids), self.numel,
+                              taus.element_size(), so_far=True)
+
+    def check(self, name: str, model_ids: Tuple, settings: Settings) -> None:
+        """One set of fine-tunes and one solver setting for the whole scope."""
         if self.settings is None:
             self.models, self.settings = model_ids, settings
         elif model_ids != self.models:
@@ -69,12 +79,6 @@ class Collected:
             )
         elif settings.solver_key() != self.settings.solver_key():
             _raise_inconsistent(name, self.settings, settings)
-        self.tensors.append(
-            TensorRecord(name, G, taus[0].numel(), taus if self.keep_taus else None)
-        )
-        if self.keep_taus:  # where the sizes could not be read before the pass
-            check_adam_memory(settings.adam_max_gb, len(model_ids), self.numel,
-                              taus.element_size(), so_far=True)
 
     @property
     def numel(self) -> int:
@@ -173,40 +177,53 @@ def collect_tasks(context, method_name: str, tasks, math_device,
     chosen = [
         task for task in tasks
         if isinstance(task, ExecuteMergeMethodTask) and task.method_name == method_name
-        and _may_select(params.of_task(task, "select"), task.output_weight, task.base_model)
+        and _may_select(params.of_task(task, "select"), task.output_weight, task.base_model,
+                        getattr(context.options, "trust_remote_code", None))
     ]
     if not chosen:
         return Collected()
     _adam_precheck(chosen)
+    adam = any(params.of_task(t, "optimizer") == "adam" for t in chosen)
+    k = None if adam else gram_cache.key(chosen)
+    kept = gram_cache.load(k) if k else None
+    if kept is not None:
+        return _from_kept(chosen, kept)
     executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
-    return collect(context, lambda: deque(
+    collected = collect(context, lambda: deque(
         executor.run(quiet=context.quiet, desc="awd Gram pass"), maxlen=0))
+    if k and collected.tensors:
+        gram_cache.save(k, [t.name for t in collected.tensors],
+                        np.stack([t.G for t in collected.tensors]),
+                        [t.numel for t in collected.tensors])
+    return collected
 
 
-def plan_tensor_tasks(config, options) -> list:
-    """The recipe's per-tensor tasks, planned by mergekit's own planner as
-    ``mergekit-yaml`` plans them (nothing is read or written)."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
+def _from_kept(tasks, kept: dict) -> Collected:
+    """A kept Gram pass as the record the kernel would have made, after the checks the
+    kernel makes while recording (one set of fine-tunes, one solver setting)."""
+    from mergekit import merge_methods
 
-    config = config.model_copy(deep=True)
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options)
-    out_config = _model_out_config(config, arch_info, options.trust_remote_code)
-    # plan_to_disk only plans (the writer is a task that is never run here);
-    # mergekit 0.1.5's plan_in_memory cannot build its own return tasks
-    planned = MergePlanner(config, arch_info, options, out_config).plan_to_disk("unused")
-    return [t.tensor_task for t in planned if hasattr(t, "tensor_task")]
+    by_name = {t.output_weight.name: t for t in tasks}
+    collected = Collected()
+    for name, G, numel in zip(kept["names"], kept["G"], kept["numel"]):
+        task = by_name[name]
+        models = tuple(m for m in task.model_order if m != task.base_model)
+        p = dict(task.parameters.items())
+        for d in params.DECLARED:
+            if d.per_model and d.name in task.input_parameters[models[0]]:
+                p[d.name] = {m: task.input_parameters[m][d.name] for m in models}
+        s = Settings.of(p, models, merge_methods.get(task.method_name).defaults)
+        collected.check(name, models, s)
+        collected.tensors.append(TensorRecord(name, G, int(numel)))
+    return collected
 
 
-def _may_select(select: str, weight, base_model) -> bool:
+def _may_select(select: str, weight, base_model, trust_remote_code=None) -> bool:
     if select == "all":
         return True
     if select == "linear":
         return weight.vocabulary_axis is None and in_layers(
-            weight.name, layer_weight_names(base_model)
+            weight.name, layer_weight_names(base_model, trust_remote_code)
         )
     return re.search(select, weight.name) is not None
 

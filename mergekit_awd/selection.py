@@ -40,7 +40,7 @@ def in_layers(name: str, layer_names: Optional[FrozenSet[str]]) -> bool:
     return bool(_REPEATED_BLOCK.search(name))
 
 
-def _architecture(model):
+def _architecture(model, trust_remote_code: Optional[bool] = None):
     """mergekit's configured architecture of ``model`` (a ModelReference), or None
     where there is none: an id of mergekit's in-memory API (no config to read),
     a config without exactly one architecture, or one mergekit has no definition
@@ -51,7 +51,9 @@ def _architecture(model):
 
     if not callable(getattr(model, "config", None)):
         return None
-    config = model.config(trust_remote_code=LoaderCache().trust_remote_code)
+    if trust_remote_code is None:  # this thread's mergekit setting (per thread!)
+        trust_remote_code = LoaderCache().trust_remote_code
+    config = model.config(trust_remote_code=trust_remote_code)
     if len(getattr(config, "architectures", None) or ()) != 1:
         return None
     info = arch_info_for_config(config)
@@ -61,9 +63,13 @@ def _architecture(model):
 
 
 @lru_cache(maxsize=64)
-def layer_weight_names(model) -> Optional[FrozenSet[str]]:
-    """Names (with aliases) of the weights inside the repeated layers of ``model``."""
-    arch = _architecture(model)
+def layer_weight_names(model, trust_remote_code: Optional[bool] = None
+                       ) -> Optional[FrozenSet[str]]:
+    """Names (with aliases) of the weights inside the repeated layers of ``model``.
+
+    ``trust_remote_code``: the merge's own option. mergekit keeps it per thread
+    (``LoaderCache``), so a --multi-gpu worker thread would read the default."""
+    arch = _architecture(model, trust_remote_code)
     if arch is None:
         return None
     names = set()

@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from mergekit_awd import context, params, scope
+from mergekit_awd import context, mergekit_run, params, scope
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.scope import AWD_METHODS
 # mergekit methods whose `density` is their sparsification knob
@@ -218,7 +218,7 @@ class Former:
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         """Read the inputs (in memory) and make the one Gram pass AWD candidates share."""
         first = candidates[0]
-        tasks = scope.plan_tensor_tasks(candidate_config(self.config, first), self.options)
+        tasks = mergekit_run.plan_tensor_tasks(candidate_config(self.config, first), self.options)
         if self.in_memory:
             names = set(self.model.state_dict())
             missing = [t.output_weight.name for t in tasks
@@ -235,7 +235,7 @@ class Former:
         awd = [c for c in candidates if c.is_awd]
         if not awd:
             return
-        awd_tasks = scope.plan_tensor_tasks(candidate_config(self.config, awd[0]),
+        awd_tasks = mergekit_run.plan_tensor_tasks(candidate_config(self.config, awd[0]),
                                             self.options)
         if not _global_scope(awd_tasks):
             return
@@ -272,7 +272,7 @@ class Former:
     def form(self, candidate: Candidate) -> Dict[str, torch.Tensor]:
         """The candidate's merged tensors, formed from the inputs read once."""
         cfg = candidate_config(self.config, candidate)
-        tasks = scope.plan_tensor_tasks(cfg, self.options)
+        tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
         with self._run(candidate).active(), _seeded(self.options), _quiet_kernel():
             return self.inputs.form(tasks, cfg.out_dtype)
 

@@ -13,6 +13,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "example_configs"))
 
 
+@pytest.fixture(autouse=True)
+def gram_cache_per_test(tmp_path, monkeypatch):
+    """Each test keeps its Gram passes in its own folder (merges in one test may reuse
+    them, as a user's commands do; tests never see each other's)."""
+    monkeypatch.setenv("MERGEKIT_AWD_CACHE", str(tmp_path / "gram-cache"))
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """A tiny Llama base and three correlated fine-tunes (float32)."""

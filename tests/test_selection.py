@@ -28,3 +28,46 @@ def test_in_memory_ids_use_the_name_convention(family):
     names = selection.layer_weight_names(ModelReference.model_validate(family["base"]))
     assert "model.layers.0.mlp.up_proj.weight" in names
     assert "model.embed_tokens.weight" not in names
+
+
+def test_multi_gpu_worker_threads_read_the_merge_s_trust_remote_code(family):
+    """mergekit keeps trust_remote_code per thread (LoaderCache): a --multi-gpu worker
+    thread sees the default (False); the kernel passes its merge's own option."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    from mergekit.common import ModelReference
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
+
+    from mergekit_awd import context
+    from mergekit_awd.method import AWDMerge
+
+    real = ModelReference.model_validate(family["base"])
+    seen = []
+
+    class Recording:  # a model reference that records how its config is read
+        def __hash__(self):
+            return 7
+
+        def config(self, trust_remote_code=False):
+            seen.append(trust_remote_code)
+            return real.config(trust_remote_code=False)
+
+    base = Recording()
+    group = TensorGroup(entries=(
+        TensorEntry(id=base, tensor=torch.zeros(4, 4), is_base=True),
+        TensorEntry(id="ft", tensor=torch.ones(4, 4), is_base=False)),
+        metadata=TensorMetadata(name="model.layers.0.mlp.up_proj.weight"))
+    run = context.RunContext(options=SimpleNamespace(trust_remote_code=True, quiet=True))
+    p = {d.name: ({"ft": None} if d.per_model else None) for d in AWDMerge().declared}
+
+    def worker():
+        assert LoaderCache().trust_remote_code is False  # this thread's default
+        AWDMerge()._settings(group, p, run)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [True]
