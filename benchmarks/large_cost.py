@@ -76,7 +76,8 @@ def build(root: str, size: str, k: int, shared: float = 0.02, noise: float = 0.0
     config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                          vocab_size=vocab, num_attention_heads=heads,
                          num_key_value_heads=kv, torch_dtype="bfloat16",
-                         tie_word_embeddings=False, max_position_embeddings=2048)
+                         tie_word_embeddings=False, max_position_embeddings=2048,
+                         architectures=["LlamaForCausalLM"])
     names = ["base"] + [f"ft{i}" for i in range(k)]
     dirs = {n: os.path.join(root, n) for n in names}
     for d in dirs.values():
@@ -164,15 +165,17 @@ main()
 """
 
 
-def measure(config, workdir: str, name: str):
+def measure(config, workdir: str, name: str, gram_cache: str):
+    """One mergekit-yaml run; ``gram_cache``: its MERGEKIT_AWD_CACHE."""
     path = os.path.join(workdir, f"{name}.yml")
     out = os.path.join(workdir, f"out-{name}")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
+    env = dict(os.environ, MERGEKIT_AWD_CACHE=gram_cache)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, path, out, "--quiet",
                              "--no-copy-tokenizer", "--no-write-model-card"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode()
@@ -223,19 +226,34 @@ def main():
     evict(files)
     print(f"read every input once, cold: {cold:.1f} s ({input_gib / cold:.2f} GiB/s); "
           f"again right after: {warm:.1f} s")
+    awd_global = recipe(paths, "awd", scope="global", steps=1000, **{"lambda": 0.5})
     variants = {
         "task_arithmetic": recipe(paths, "task_arithmetic"),
-        "awd_global": recipe(paths, "awd", scope="global", steps=1000, **{"lambda": 0.5}),
+        "awd_global": awd_global,
+        # the same merge after `mergekit-awd report` (or sweep / tune) kept its Gram pass
+        "awd_global_kept_gram": awd_global,
         "awd_tensor": recipe(paths, "awd", scope="tensor", steps=1000, **{"lambda": 0.5}),
     }
     results = {name: [] for name in variants}
     workdir = os.path.join(args.cache, "work")
     os.makedirs(workdir, exist_ok=True)
+    kept = os.path.join(workdir, "gram-kept")
+    subprocess.run(["rm", "-rf", kept])
+    report = os.path.join(workdir, "report.yml")
+    with open(report, "w") as f:
+        yaml.safe_dump(awd_global, f)
+    t = time.perf_counter()
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-awd"), "report",
+                    report, "--out", os.path.join(workdir, "report"), "--quiet"], check=True,
+                   env=dict(os.environ, MERGEKIT_AWD_CACHE=kept), stdout=subprocess.DEVNULL)
+    print(f"mergekit-awd report (keeps the Gram pass): {time.perf_counter() - t:.1f} s")
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
             evict(files)
-            m = measure(variants[name], workdir, name)
+            fresh = os.path.join(workdir, f"gram-fresh-{r}-{name}")  # never a kept pass
+            m = measure(variants[name], workdir, name,
+                        kept if name.endswith("_kept_gram") else fresh)
             results[name].append(m)
             print(f"round {r + 1} {name}: {m['wall_s']:.1f} s, RSS {m['rss_gib']:.2f} GiB, "
                   f"read {m['read_gib']:.1f} GiB", flush=True)
