@@ -65,6 +65,8 @@ def predict(model: dict, P: float, B: float, K: int = 4, cache_gib: float = 0.0)
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("results")
+    parser.add_argument("--check", default=None,
+                        help="another large_cost.py result: its medians against the model")
     parser.add_argument("--bandwidth", type=float, action="append",
                         help="disk read bandwidth in GiB/s (repeatable; default: measured)")
     args = parser.parse_args()
@@ -82,6 +84,17 @@ def main():
              "global_kept": "awd_global_kept_gram", "tensor": "awd_tensor"}
     for key, name in names.items():
         print(f"  {name}: measured {model['medians'][name]:.1f} s, model {check[key]:.1f} s")
+    if args.check:
+        with open(args.check) as f:
+            other = json.load(f)
+        o = fit(other)  # only its measured bandwidth, cache and medians are used
+        p = predict(model, other["params"], o["B"], other["k"], o["cache_gib"])
+        print(f"\ncheck on {other['size']} (P = {other['params'] / 1e9:.2f}B, not fitted; "
+              f"its bandwidth {o['B']:.2f} GiB/s, page cache {o['cache_gib']:.1f} GiB):")
+        for key, name in names.items():
+            got = o["medians"][name]
+            print(f"  {name}: measured {got:.1f} s, predicted {p[key]:.1f} s "
+                  f"({p[key] / got - 1:+.0%})")
     print("\n| model | inputs (K = 4, bf16) | disk GiB/s | task arithmetic | awd global | "
           "awd global, Gram pass kept | awd tensor | awd global / TA | floor of global |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
