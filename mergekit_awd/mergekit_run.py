@@ -15,8 +15,7 @@ call stack, and this module reads exactly these names there (``READS``):
   per-device executors of ``--multi-gpu``), ``math_device`` and
   ``storage_device``;
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``'s
-  ``self`` and ``tensors``: the planned task being executed and its loaded
-  inputs (a task whose inputs are not floating point is a buffer that mergekit
+  ``tensors``: the loaded inputs of the planned task being executed (a task whose inputs are not floating point is a buffer that mergekit
   copies without calling the method: it still counts towards the merge's end).
 
 It also plans a recipe as ``run_merge`` does (``plan_tensor_tasks``), for the
@@ -41,7 +40,7 @@ from typing import Any, Iterator, Optional
 READS = {
     "mergekit.merge.run_merge": ("merge_config", "out_path", "options", "exec"),
     "mergekit.graph.Executor._run": ("self",),
-    "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute": ("self", "tensors"),
+    "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute": ("tensors",),
 }
 EXECUTOR_ATTRIBUTES = ("universe", "math_device", "storage_device")
 PRIVATE = ("mergekit.merge._model_out_config",)
@@ -114,11 +113,6 @@ def _local_of(where: str, name: str) -> Optional[Any]:
 
 
 _EXECUTE = "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute"
-
-
-def current_task():
-    """The ``ExecuteMergeMethodTask`` this thread is executing, or None."""
-    return _local_of(_EXECUTE, "self")
 
 
 def current_inputs():

@@ -16,7 +16,6 @@ through mergekit's own TIES / DARE-TIES instead of plain task arithmetic.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -34,7 +33,6 @@ from mergekit_awd import context, guards, mergekit_run, params, report, scope, s
 from mergekit_awd.params import Settings
 from mergekit_awd.selection import is_selected, layer_weight_names
 
-LOG = logging.getLogger(__name__)
 
 
 class AWDMerge(GroupMergeMethod):

@@ -12,7 +12,6 @@ owned by its ``context.RunContext``.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -29,7 +28,6 @@ from mergekit_awd.selection import in_layers, layer_weight_names
 
 AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties")
 
-LOG = logging.getLogger(__name__)
 
 
 @dataclass
