@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -203,8 +204,6 @@ class RunContext:
         if not self.out_path:
             LOG.info("awd: %s", self.log.summary_line())
             return []
-        import os
-
         from mergekit_awd import report
 
         rep = self.log.report()
@@ -238,8 +237,6 @@ def current() -> Optional[RunContext]:
     context = _CURRENT.get()
     if context is not None:
         return context
-    from mergekit_awd import mergekit_run
-
     executor = mergekit_run.current_executor()
     call = mergekit_run.run_merge_call(executor.universe if executor is not None else None)
     if executor is None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterator, Optional
 
 READS = {
@@ -50,6 +51,7 @@ class MergekitMoved(RuntimeError):
     """The installed mergekit no longer has a name this module reads."""
 
 
+@lru_cache(maxsize=1)
 def _functions():
     from mergekit import merge
     from mergekit.graph import Executor
@@ -73,7 +75,7 @@ def check() -> None:
         return
     from mergekit.graph import Executor
 
-    functions = _functions()
+    functions = _functions.__wrapped__()  # as installed now, not as first seen
     missing = []
     for where, names in READS.items():
         code = getattr(functions.get(where), "__code__", None)
