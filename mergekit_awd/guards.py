@@ -15,11 +15,20 @@ from mergekit_awd import params, solver
 from mergekit_awd.params import AWDInputError
 
 
-def gram(name: str, group, taus: torch.Tensor) -> np.ndarray:
-    """G of the task vectors; NaN/Inf in an input is refused, naming it (a non-finite
-    G is the cheap sign of it), unless the inputs agree there (a -inf mask buffer)."""
-    G = solver.gram(taus).cpu().numpy()
+def gram(name: str, group, taus: Optional[torch.Tensor] = None) -> np.ndarray:
+    """G of the group's task vectors (from ``taus`` where the caller made them);
+    NaN/Inf in an input is refused, naming it (a non-finite G is the cheap sign of
+    it), unless the inputs agree there (a -inf mask buffer)."""
+    if taus is None:
+        G = solver.gram_of(group.base.tensor, [e.tensor for e in group.non_base])
+    else:
+        G = solver.gram(taus).cpu().numpy()
     if not np.isfinite(G).all():
+        if taus is None:
+            base = group.base.tensor
+            taus = solver.task_vectors(base, [e.tensor for e in group.non_base],
+                                       torch.float64 if base.dtype == torch.float64
+                                       else torch.float32)
         if not _repair(group, taus):
             _raise_nonfinite(name, group)
         G = solver.gram(taus).cpu().numpy()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from mergekit.merge_methods.base import (
@@ -136,9 +137,11 @@ class AWDMerge(GroupMergeMethod):
         if group.non_base and base.is_floating_point():
             name, model_ids, s, selected = self._settings(group, p, run)
             if selected:
-                taus = solver.task_vectors(base, [e.tensor for e in group.non_base],
-                                           _compute_dtype(base))
-                recorder.add(name, model_ids, s, taus, guards.gram(name, group, taus))
+                taus = (solver.task_vectors(base, [e.tensor for e in group.non_base],
+                                            _compute_dtype(base))
+                        if recorder.keeps_taus(s) else None)
+                recorder.add(name, model_ids, s, base.numel(),
+                             guards.gram(name, group, taus), taus)
         return base.new_zeros(()).expand(base.shape)  # a placeholder: no memory
 
     def _merge(self, group: TensorGroup, p: dict, run) -> torch.Tensor:
@@ -174,9 +177,13 @@ class AWDMerge(GroupMergeMethod):
 
     def _disentangled(self, group, name, model_ids, s: Settings, run):
         """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
-        dtype = _compute_dtype(group.base.tensor)
-        base = group.base.tensor.to(dtype)
-        taus = solver.task_vectors(base, [e.tensor for e in group.non_base], dtype)
+        base, inputs = group.base.tensor, [e.tensor for e in group.non_base]
+        dtype = _compute_dtype(base)
+        # the task vectors themselves only where delta is a full-space vector (adam)
+        # or sparsification needs them; else G and the combination read the inputs
+        taus = None
+        if s.optimizer == "adam" or self.combine_with != "task_arithmetic":
+            taus = solver.task_vectors(base, inputs, dtype)
         if s.scope == "global":
             if run is None:
                 run = context.RunContext()  # nothing to read the scope from: it says so
@@ -184,9 +191,14 @@ class AWDMerge(GroupMergeMethod):
         else:
             G = guards.gram(name, group, taus)
             solution = (run or context.RunContext()).solve(
-                model_ids, s, [name], G, taus[0].numel(), [taus])
+                model_ids, s, [name], G, base.numel(), [taus])
             w, delta = solution.w, solution.delta[0] if solution.delta is not None else None
-        return self._combine(base, taus, w, delta, s)
+        if self.combine_with == "task_arithmetic" and w is not None:
+            return solver.combination(base, inputs, awd_coefficients(w, s), dtype)
+        if taus is None:
+            taus = solver.task_vectors(base, inputs, dtype)
+        return self._combine(base.to(dtype), taus, w, delta, s)
+
     def _combine(self, base, taus, w, delta, s: Settings) -> torch.Tensor:
         """base + the (TIES-/DARE-) combination of tau_k - delta (+ keep_delta * delta)."""
         if self.combine_with == "task_arithmetic":
@@ -215,18 +227,21 @@ class AWDMerge(GroupMergeMethod):
                              base_index=0, dtype=_compute_dtype(base))
 
 
-def awd_task_arithmetic(base, taus, w, delta, s: Settings) -> torch.Tensor:
-    """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta.
-
-    Under sgd delta = sum_k w_k tau_k, so this is one combination of the taus
-    with coefficients scale * weight_k + (keep_delta - scale * W) * w_k.
-    """
+def awd_coefficients(w: np.ndarray, s: Settings) -> torch.Tensor:
+    """Under sgd delta = sum_k w_k tau_k, so base + scale * sum_k weight_k (tau_k -
+    delta) + keep_delta * delta is one combination of the taus, with coefficients
+    scale * weight_k + (keep_delta - scale * W) * w_k."""
     W, scale = sum(s.weights), _scale(s)
     weights = torch.tensor(s.weights, dtype=torch.float64)
+    return scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
+
+
+def awd_task_arithmetic(base, taus, w, delta, s: Settings) -> torch.Tensor:
+    """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta."""
     if w is not None:
-        coeffs = scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
-        return combine(base, taus, coeffs, 1.0)
-    merged = combine(base, taus, weights, scale)
+        return combine(base, taus, awd_coefficients(w, s), 1.0)
+    W, scale = sum(s.weights), _scale(s)
+    merged = combine(base, taus, torch.tensor(s.weights, dtype=torch.float64), scale)
     if delta is not None:
         merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta - scale * W)
     return merged

@@ -48,19 +48,18 @@ class Collected:
     settings: Optional[Settings] = None
     tensors: List[TensorRecord] = field(default_factory=list)
 
-    @property
-    def keep_taus(self) -> bool:
+    @staticmethod
+    def keeps_taus(settings: Settings) -> bool:
         """Adam runs in full space: it needs the task vectors themselves."""
-        return self.settings is not None and self.settings.optimizer == "adam" and (
-            self.settings.steps > 0)
+        return settings.optimizer == "adam" and settings.steps > 0
 
-    def add(self, name: str, model_ids: Tuple, settings: Settings, taus: torch.Tensor,
-            G: np.ndarray):
+    def add(self, name: str, model_ids: Tuple, settings: Settings, numel: int,
+            G: np.ndarray, taus: Optional[torch.Tensor] = None):
+        """One selected tensor (``taus``: its task vectors, for adam only)."""
         self.check(name, model_ids, settings)
-        self.tensors.append(
-            TensorRecord(name, G, taus[0].numel(), taus if self.keep_taus else None)
-        )
-        if self.keep_taus:  # where the sizes could not be read before the pass
+        keep = self.keeps_taus(self.settings)
+        self.tensors.append(TensorRecord(name, G, numel, taus if keep else None))
+        if keep:  # where the sizes could not be read before the pass
             check_adam_memory(settings.adam_max_gb, len(model_ids), self.numel,
                               taus.element_size(), so_far=True)
 
