@@ -165,13 +165,13 @@ main()
 """
 
 
-def measure(config, workdir: str, name: str, gram_cache: str):
+def measure(config, workdir: str, name: str, gram_cache: str, env_extra=None):
     """One mergekit-yaml run; ``gram_cache``: its MERGEKIT_AWD_CACHE."""
     path = os.path.join(workdir, f"{name}.yml")
     out = os.path.join(workdir, f"out-{name}")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
-    env = dict(os.environ, MERGEKIT_AWD_CACHE=gram_cache)
+    env = dict(os.environ, MERGEKIT_AWD_CACHE=gram_cache, **(env_extra or {}))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, path, out, "--quiet",
                              "--no-copy-tokenizer", "--no-write-model-card"],
@@ -233,7 +233,10 @@ def main():
         # the same merge after `mergekit-awd report` (or sweep / tune) kept its Gram pass
         "awd_global_kept_gram": awd_global,
         "awd_tensor": recipe(paths, "awd", scope="tensor", steps=1000, **{"lambda": 0.5}),
+        # the same as awd_global without reading ahead (what the readahead is worth)
+        "awd_global_no_readahead": awd_global,
     }
+    env_of = {"awd_global_no_readahead": {"MERGEKIT_AWD_READAHEAD": "off"}}
     results = {name: [] for name in variants}
     workdir = os.path.join(args.cache, "work")
     os.makedirs(workdir, exist_ok=True)
@@ -253,7 +256,7 @@ def main():
             evict(files)
             fresh = os.path.join(workdir, f"gram-fresh-{r}-{name}")  # never a kept pass
             m = measure(variants[name], workdir, name,
-                        kept if name.endswith("_kept_gram") else fresh)
+                        kept if name.endswith("_kept_gram") else fresh, env_of.get(name))
             results[name].append(m)
             print(f"round {r + 1} {name}: {m['wall_s']:.1f} s, RSS {m['rss_gib']:.2f} GiB, "
                   f"read {m['read_gib']:.1f} GiB", flush=True)

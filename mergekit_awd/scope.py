@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import gram_cache, params, solver
+from mergekit_awd import gram_cache, params, readahead, solver
 from mergekit_awd.params import AWDInputError, AWDParameterError, Settings
 from mergekit_awd.selection import in_layers, layer_weight_names
 
@@ -168,7 +168,6 @@ def collect_tasks(context, method_name: str, tasks, math_device,
     decides with the loaded tensor). Each stored tensor is read once: mergekit's
     planner skips an optional tied weight (a tied lm_head) that no input stores.
     """
-    from mergekit.graph import Executor
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
     chosen = [
@@ -185,14 +184,31 @@ def collect_tasks(context, method_name: str, tasks, math_device,
     kept = gram_cache.load(k) if k else None
     if kept is not None:
         return _from_kept(chosen, kept)
-    executor = Executor(chosen, math_device=math_device, storage_device=storage_device)
-    collected = collect(context, lambda: deque(
-        executor.run(quiet=context.quiet, desc="awd Gram pass"), maxlen=0))
+    collected = collect(context, lambda: _gram_pass(chosen, math_device, storage_device,
+                                                     context.quiet))
     if k and collected.tensors:
         gram_cache.save(k, [t.name for t in collected.tensors],
                         np.stack([t.G for t in collected.tensors]),
                         [t.numel for t in collected.tensors])
     return collected
+
+
+def _gram_pass(tasks, math_device, storage_device, quiet: bool) -> None:
+    """Execute ``tasks`` for the kernel to record, in the reverse of the order
+    mergekit's planner gives them (the order the merge then reads them in): the
+    page cache still holds what the merge reads first. Each task's inputs are read
+    ahead while the one before computes (``readahead``)."""
+    import tqdm
+    from mergekit.graph import Executor
+
+    planned = Executor(tasks, math_device=math_device, storage_device=storage_device)
+    targets = set(planned.targets)
+    order = [h.task() for h in planned.schedule.tasks if h in targets][::-1]
+    with readahead.Readahead(order) as ahead:
+        for i, task in enumerate(tqdm.tqdm(order, disable=quiet, desc="awd Gram pass")):
+            ahead.at(i)
+            deque(Executor([task], math_device=math_device,
+                           storage_device=storage_device).run(quiet=True), maxlen=0)
 
 
 def _from_kept(tasks, kept: dict) -> Collected:

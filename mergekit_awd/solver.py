@@ -68,63 +68,68 @@ FUSED_CHUNK = 65536
 FUSED_CHUNK_CUDA = 1 << 24
 
 
-def _chunks(base: torch.Tensor):
-    n = base.numel()
-    step = FUSED_CHUNK_CUDA if base.is_cuda else FUSED_CHUNK
+def _chunk(base: torch.Tensor, chunk: Optional[int]) -> int:
+    step = chunk or (FUSED_CHUNK_CUDA if base.is_cuda else FUSED_CHUNK)
+    return max(1, min(step, base.numel()))
+
+
+def _spans(n: int, step: int):
     for start in range(0, n, step):
         yield start, min(step, n - start)
 
 
-def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+            chunk: Optional[int] = None, dots: Optional[bool] = None) -> np.ndarray:
     """G of tau_k = tensors[k] - base (float64, K x K), without the K x P stack.
 
     ``gram(task_vectors(...))`` fused: each chunk's differences go straight into a
     float64 buffer (exact for bf16 / fp16 / fp32 inputs), then the K(K+1)/2 dot
-    products (torch's ddot on contiguous rows). For K x K outputs a GEMM is the
-    slow way, and numpy's BLAS is worse still here: its threads and torch's
-    take turns spinning (measured in a merge: 10x slower than this).
+    products (``dots``, on a CPU: torch's ddot on contiguous rows) or one addmm
+    (on a GPU, where launches cost more). For K x K outputs a CPU GEMM is the slow
+    way, and numpy's BLAS is worse still here: its threads and torch's take turns
+    spinning (measured in a merge: 10x slower than this).
     """
     K = len(tensors)
     b = base.reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
-    T = torch.empty((K, min(b.numel(), FUSED_CHUNK_CUDA if b.is_cuda else FUSED_CHUNK)),
-                    dtype=torch.float64, device=b.device)
-    b64 = torch.empty(T.shape[1], dtype=torch.float64, device=b.device)
-    if b.is_cuda:
-        G = torch.zeros((K, K), dtype=torch.float64, device=b.device)
-        for start, m in _chunks(b):
-            b64[:m].copy_(b[start:start + m])
-            for k, f in enumerate(flat):
-                torch.sub(f[start:start + m], b64[:m], out=T[k, :m])
-            G.addmm_(T[:, :m], T[:, :m].T)
-        return G.cpu().numpy()
-    G = np.zeros((K, K))
-    for start, m in _chunks(b):
+    step = _chunk(b, chunk)
+    dots = not b.is_cuda if dots is None else dots
+    T = torch.empty((K, step), dtype=torch.float64, device=b.device)
+    b64 = torch.empty(step, dtype=torch.float64, device=b.device)
+    G = torch.zeros((K, K), dtype=torch.float64, device=b.device)
+    P = np.zeros((K, K))
+    for start, m in _spans(b.numel(), step):
         b64[:m].copy_(b[start:start + m])
         for k, f in enumerate(flat):
             torch.sub(f[start:start + m], b64[:m], out=T[k, :m])
         x = T[:, :m]
+        if not dots:
+            G.addmm_(x, x.T)
+            continue
         for i in range(K):
             for j in range(i, K):
-                G[i, j] += float(torch.dot(x[i], x[j]))
-    return np.triu(G) + np.triu(G, 1).T
+                P[i, j] += float(torch.dot(x[i], x[j]))
+    if dots:
+        return np.triu(P) + np.triu(P, 1).T
+    return G.cpu().numpy()
 
 
 def combination(base: torch.Tensor, tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, chunk: Optional[int] = None) -> torch.Tensor:
     """base + sum_k coeffs_k (tensors[k] - base), computed in ``dtype`` one chunk at a
-    time and returned in the base's dtype: the K x P task vectors are never made.
-    (Per element: the same float operations as ``base + coeffs @ T`` in ``dtype``,
-    rounded once to the output dtype.)"""
+    time and returned (contiguous) in the base's dtype: the K x P task vectors are
+    never made. Per element the float operations of ``base + sum_k coeffs_k tau_k``
+    in ``dtype``, rounded once to the output dtype (mergekit's task_arithmetic
+    computes bf16 inputs in bf16)."""
     b = base.reshape(-1)
     flat = [t.reshape(-1) if torch.promote_types(t.dtype, dtype) == dtype
             else t.reshape(-1).to(dtype) for t in tensors]  # a wider input: as task_vectors
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     o = out.view(-1)
-    size = min(b.numel(), FUSED_CHUNK_CUDA if b.is_cuda else FUSED_CHUNK)
-    bc, acc, tmp = (torch.empty(size, dtype=dtype, device=b.device) for _ in range(3))
+    step = _chunk(b, chunk)
+    bc, acc, tmp = (torch.empty(step, dtype=dtype, device=b.device) for _ in range(3))
     coeffs = [float(c) for c in coeffs]
-    for start, m in _chunks(b):
+    for start, m in _spans(b.numel(), step):
         bc[:m].copy_(b[start:start + m])
         acc[:m].copy_(bc[:m])
         for c, f in zip(coeffs, flat):

@@ -117,6 +117,36 @@ def test_gram_is_float64_chunk_by_chunk(P):
     torch.testing.assert_close(G32, exact, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dots", [True, False])  # the CPU's ddot path, the GPU's addmm path
+def test_fused_gram_and_combination_equal_the_stacked_ones(dtype, dots):
+    """G and the combination read from the inputs chunk by chunk (chunks that do not
+    divide the size, a non-contiguous input) equal gram(task_vectors(...)) and
+    base + c @ T on the stacked task vectors."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(37, 29, generator=g, dtype=torch.float64) * 0.02
+    inputs = [(base + torch.randn(37, 29, generator=g, dtype=torch.float64) * 1e-3).to(dtype)
+              for _ in range(3)]
+    inputs[1] = inputs[1].T.contiguous().T  # same values, transposed strides
+    base = base.to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    T = solver.task_vectors(base, inputs, compute)
+    # G of the exact differences (for fp32 inputs, float32 task vectors would round)
+    expected = solver.gram(solver.task_vectors(base, inputs, torch.float64)).numpy()
+    for chunk in (None, 100, 37 * 29):
+        G = solver.gram_of(base, inputs, chunk=chunk, dots=dots)
+        np.testing.assert_allclose(G, expected, rtol=1e-12, atol=0)
+        c = [0.7, -0.2, 0.45]
+        merged = solver.combination(base, inputs, c, compute, chunk=chunk)
+        reference = (base.to(compute) + torch.tensordot(torch.tensor(c, dtype=compute), T, 1))
+        assert merged.dtype == dtype and merged.is_contiguous()
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(merged.to(compute), reference.to(dtype).to(compute),
+                                   rtol=0, atol=tol * float(base.abs().max()) + (
+                                       0 if dtype in (torch.float32, torch.float64)
+                                       else float(reference.abs().max()) * 2**-7))
+
+
 def test_zero_task_vector_is_left_out_of_the_orthogonality_loss():
     """A fine-tune equal to its base has no direction; with twins beside it, plain GD
     would otherwise chase cos(tau - delta, -delta), whose gradient grows like 1/||delta||."""
