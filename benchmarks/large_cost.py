@@ -233,10 +233,8 @@ def main():
         # the same merge after `mergekit-awd report` (or sweep / tune) kept its Gram pass
         "awd_global_kept_gram": awd_global,
         "awd_tensor": recipe(paths, "awd", scope="tensor", steps=1000, **{"lambda": 0.5}),
-        # the same as awd_global without reading ahead (what the readahead is worth)
-        "awd_global_no_readahead": awd_global,
     }
-    env_of = {"awd_global_no_readahead": {"MERGEKIT_AWD_READAHEAD": "off"}}
+    env_of = {}  # per variant: extra environment of its mergekit-yaml process
     results = {name: [] for name in variants}
     workdir = os.path.join(args.cache, "work")
     os.makedirs(workdir, exist_ok=True)

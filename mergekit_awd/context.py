@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import mergekit_run, readahead, scope
+from mergekit_awd import mergekit_run, scope
 from mergekit_awd.merge_log import MergeLog
 from mergekit_awd.params import AWDInputError, Settings
 
@@ -79,8 +79,6 @@ class RunContext:
         self.error: Optional[BaseException] = None
         self.warned: set = set()
         self.recording: Dict[int, scope.Collected] = {}  # thread -> its Gram pass
-        self._ahead: Optional[readahead.Readahead] = None  # the merge's inputs
-        self._position: Dict[str, int] = {}
 
     @classmethod
     def for_recipe(cls, config, options, out_path: Optional[str] = None,
@@ -130,29 +128,6 @@ class RunContext:
     def recorder(self) -> Optional[scope.Collected]:
         """The Gram pass this thread is recording, if any."""
         return self.recording.get(threading.get_ident()) if self.recording else None
-
-    # -- reading ahead -------------------------------------------------------------
-
-    def reading(self, name: str) -> None:
-        """The merge's kernel is at tensor ``name``: keep the next tensors' inputs
-        read ahead, in the order this thread's mergekit executor runs them (not under
-        ``--multi-gpu``: one executor per device there)."""
-        if self._ahead is None:
-            with self.lock:
-                if self._ahead is None:
-                    executor = mergekit_run.current_executor()
-                    order = [] if executor is None or getattr(
-                        self.options, "multi_gpu", False) else mergekit_run.tensor_order(
-                        executor)
-                    self._position = {t.output_weight.name: i for i, t in enumerate(order)}
-                    self._ahead = readahead.Readahead(order)
-        position = self._position.get(name)
-        if position is not None:
-            self._ahead.at(position)
-
-    def stop_reading(self) -> None:
-        if self._ahead is not None:
-            self._ahead.close()
 
     # -- solving -------------------------------------------------------------------
 
@@ -224,7 +199,6 @@ class RunContext:
     def finish(self, card: bool = True) -> List[str]:
         """Write the report (and, with ``card``, the model card's section) of a merge
         that completed; without an output folder, log the summary line."""
-        self.stop_reading()
         if self.log.empty:
             return []
         if not self.out_path:
@@ -303,8 +277,5 @@ def run_merge(config, out_path: str, options, source: Optional[str] = None,
 
     run = RunContext.for_recipe(config, options, out_path, known)
     with run.active():
-        try:
-            mergekit_run_merge(config, out_path, options=options, config_source=source)
-        finally:
-            run.stop_reading()
+        mergekit_run_merge(config, out_path, options=options, config_source=source)
     return run.finish()

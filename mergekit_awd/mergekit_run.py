@@ -12,8 +12,8 @@ call stack, and this module reads exactly these names there (``READS``):
   the kernels on worker threads while ``run_merge`` waits in the main one;
 - ``mergekit.graph.Executor._run``'s ``self``: the executor running the kernel
   in this thread, with its ``universe`` (every task of the merge, shared by the
-  per-device executors of ``--multi-gpu``), ``math_device``,
-  ``storage_device`` and ``schedule`` (the order it runs its tasks in);
+  per-device executors of ``--multi-gpu``), ``math_device`` and
+  ``storage_device``;
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``'s
   ``tensors``: the loaded inputs of the planned task being executed (a task whose inputs are not floating point is a buffer that mergekit
   copies without calling the method: it still counts towards the merge's end).
@@ -43,7 +43,7 @@ READS = {
     "mergekit.graph.Executor._run": ("self",),
     "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute": ("tensors",),
 }
-EXECUTOR_ATTRIBUTES = ("universe", "math_device", "storage_device", "schedule")
+EXECUTOR_ATTRIBUTES = ("universe", "math_device", "storage_device")
 PRIVATE = ("mergekit.merge._model_out_config",)
 
 
@@ -125,14 +125,6 @@ def current_inputs():
 def current_executor():
     """The mergekit ``Executor`` running in this thread, or None."""
     return _local_of("mergekit.graph.Executor._run", "self")
-
-
-def tensor_order(executor) -> list:
-    """The per-tensor tasks ``executor`` runs, in the order it runs them."""
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-
-    tasks = (handle.task() for handle in executor.schedule.tasks)
-    return [t for t in tasks if isinstance(t, ExecuteMergeMethodTask)]
 
 
 @dataclass(frozen=True)

@@ -116,8 +116,6 @@ class AWDMerge(GroupMergeMethod):
         recorder = run.recorder() if run is not None else None
         if recorder is not None:  # a Gram pass: record, do not merge
             return self._record(group, p, recorder, run)
-        if run is not None:
-            run.reading(group.metadata.name)
         result = self._merge(group, p, run)
         if run is not None:
             run.tensor_merged()

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import gram_cache, params, readahead, solver
+from mergekit_awd import gram_cache, params, solver
 from mergekit_awd.params import AWDInputError, AWDParameterError, Settings
 from mergekit_awd.selection import in_layers, layer_weight_names
 
@@ -196,19 +196,17 @@ def collect_tasks(context, method_name: str, tasks, math_device,
 def _gram_pass(tasks, math_device, storage_device, quiet: bool) -> None:
     """Execute ``tasks`` for the kernel to record, in the reverse of the order
     mergekit's planner gives them (the order the merge then reads them in): the
-    page cache still holds what the merge reads first. Each task's inputs are read
-    ahead while the one before computes (``readahead``)."""
+    page cache still holds what the merge reads first (2.6B model, inputs larger
+    than memory: the merge after it reads 7 GiB again instead of 21)."""
     import tqdm
     from mergekit.graph import Executor
 
     planned = Executor(tasks, math_device=math_device, storage_device=storage_device)
     targets = set(planned.targets)
     order = [h.task() for h in planned.schedule.tasks if h in targets][::-1]
-    with readahead.Readahead(order) as ahead:
-        for i, task in enumerate(tqdm.tqdm(order, disable=quiet, desc="awd Gram pass")):
-            ahead.at(i)
-            deque(Executor([task], math_device=math_device,
-                           storage_device=storage_device).run(quiet=True), maxlen=0)
+    for task in tqdm.tqdm(order, disable=quiet, desc="awd Gram pass"):
+        deque(Executor([task], math_device=math_device,
+                       storage_device=storage_device).run(quiet=True), maxlen=0)
 
 
 def _from_kept(tasks, kept: dict) -> Collected:
