@@ -8,8 +8,9 @@ parameter, B the disk's read bandwidth, all inputs read cold):
 
     read_all   = (K + 1) P b / B                  every input once (task arithmetic too)
     t_TA       = read_all + c_TA P                c_TA: task arithmetic's compute + writing
-    kernel     = c_K f P                          awd's float32 combination over TA's
-    gram       = c_G f P K                        G in float64 from the task vectors
+    kernel     = c_K f P                          awd's float32 combination minus TA's bf16
+                                                  one (negative where awd's is cheaper)
+    gram       = c_G f P K                        G in float64 from the inputs
     pass_read  = max(0, (K + 1) f P b - cache) / B  the Gram pass's second read
     pass_extra = c_P f P (K + 1)                  loading the selected tensors again
 

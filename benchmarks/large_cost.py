@@ -253,6 +253,7 @@ def main():
         for name in order:
             evict(files)
             fresh = os.path.join(workdir, f"gram-fresh-{r}-{name}")  # never a kept pass
+            subprocess.run(["rm", "-rf", fresh])  # (nor one an earlier run of this left)
             m = measure(variants[name], workdir, name,
                         kept if name.endswith("_kept_gram") else fresh, env_of.get(name))
             results[name].append(m)

@@ -81,7 +81,8 @@ def measure(config, workdir: str, name: str, pythonpath: str = None):
         yaml.safe_dump(config, f)
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     start = time.perf_counter()
-    env = dict(os.environ)
+    # every run pays its own Gram pass (a kept one would make `global` a kept-pass run)
+    env = dict(os.environ, MERGEKIT_AWD_CACHE="off")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(

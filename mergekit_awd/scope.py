@@ -197,7 +197,7 @@ def _gram_pass(tasks, math_device, storage_device, quiet: bool) -> None:
     """Execute ``tasks`` for the kernel to record, in the reverse of the order
     mergekit's planner gives them (the order the merge then reads them in): the
     page cache still holds what the merge reads first (2.6B model, inputs larger
-    than memory: the merge after it reads 7 GiB again instead of 21)."""
+    than memory: the merge after it reads 6.4 GiB again instead of 20.6)."""
     import tqdm
     from mergekit.graph import Executor
 

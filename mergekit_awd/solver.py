@@ -87,7 +87,7 @@ def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
     products (``dots``, on a CPU: torch's ddot on contiguous rows) or one addmm
     (on a GPU, where launches cost more). For K x K outputs a CPU GEMM is the slow
     way, and numpy's BLAS is worse still here: its threads and torch's take turns
-    spinning (measured in a merge: 10x slower than this).
+    spinning (measured on one 2.9M x 4 bf16 tensor: 0.48 s vs 0.03 s).
     """
     K = len(tensors)
     b = base.reshape(-1)
@@ -96,8 +96,8 @@ def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
     dots = not b.is_cuda if dots is None else dots
     T = torch.empty((K, step), dtype=torch.float64, device=b.device)
     b64 = torch.empty(step, dtype=torch.float64, device=b.device)
-    G = torch.zeros((K, K), dtype=torch.float64, device=b.device)
-    P = np.zeros((K, K))
+    G = np.zeros((K, K)) if dots else torch.zeros((K, K), dtype=torch.float64,
+                                                   device=b.device)
     for start, m in _spans(b.numel(), step):
         b64[:m].copy_(b[start:start + m])
         for k, f in enumerate(flat):
@@ -108,10 +108,8 @@ def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
             continue
         for i in range(K):
             for j in range(i, K):
-                P[i, j] += float(torch.dot(x[i], x[j]))
-    if dots:
-        return np.triu(P) + np.triu(P, 1).T
-    return G.cpu().numpy()
+                G[i, j] += float(torch.dot(x[i], x[j]))
+    return np.triu(G) + np.triu(G, 1).T if dots else G.cpu().numpy()
 
 
 def combination(base: torch.Tensor, tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
