@@ -57,6 +57,13 @@ def settle_nonfinite(name: str, group, result: torch.Tensor) -> torch.Tensor:
     odd = ~torch.isfinite(base)
     for entry in group.non_base:
         odd |= ~torch.isfinite(entry.tensor)
+    if not odd.any() and result.is_floating_point():
+        raise AWDInputError(
+            f"tensor {name}: the merged values overflow {result.dtype} (largest "
+            f"finite {torch.finfo(result.dtype).max:g}); no input holds NaN or Inf. "
+            f"Lower lambda or the weights, or merge in a wider dtype "
+            f"(dtype: float32 in the recipe)"
+        )
     agreed = all(torch.equal(e.tensor[odd], base[odd]) for e in group.non_base)
     result = torch.where(odd, base.to(result.dtype), result)
     if not agreed or not torch.isfinite(result[~odd]).all():

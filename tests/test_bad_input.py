@@ -169,3 +169,27 @@ def test_adam_global_over_its_memory_is_refused_before_reading(family, tmp_path)
     ok = mergekit_yaml(recipe(family["base"], family["fts"], optimizer="adam", steps=5,
                               adam_max_gb=need * 1.01), tmp_path / "ok")
     assert ok.returncode == 0
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_a_merge_overflowing_float16_is_refused_not_written_as_inf(scope):
+    """Finite float16 inputs whose merge exceeds float16's range: refused, saying so
+    (the previous version wrote inf)."""
+    import mergekit_awd.registration  # noqa: F401
+    from mergekit.merge_methods.api import merge_tensors
+
+    from mergekit_awd.params import AWDInputError
+
+    base = torch.full((8, 8), 60000.0, dtype=torch.float16)
+    fts = [base + torch.full((8, 8), 3000.0 * (1 + 0.1 * k), dtype=torch.float16)
+           for k in range(2)]
+    with pytest.raises(AWDInputError, match=r"overflow torch\.float16 \(largest finite "
+                                            r"65504\); no input holds NaN or Inf"):
+        merge_tensors([base, *fts], "awd", base_index=0,
+                      parameters={"lambda": 1.0, "select": "all", "steps": 10,
+                                  "scope": scope})
+    # within range: merged, finite
+    ok = merge_tensors([base / 8, *(f / 8 for f in fts)], "awd", base_index=0,
+                       parameters={"lambda": 1.0, "select": "all", "steps": 10,
+                                   "scope": scope})
+    assert ok.dtype == torch.float16 and torch.isfinite(ok).all()
