@@ -27,8 +27,7 @@ def gram(name: str, group, taus: Optional[torch.Tensor] = None) -> np.ndarray:
         if taus is None:
             base = group.base.tensor
             taus = solver.task_vectors(base, [e.tensor for e in group.non_base],
-                                       torch.float64 if base.dtype == torch.float64
-                                       else torch.float32)
+                                       solver.compute_dtype(base))
         if not _repair(group, taus):
             _raise_nonfinite(name, group)
         G = solver.gram(taus).cpu().numpy()

@@ -138,7 +138,7 @@ class AWDMerge(GroupMergeMethod):
             name, model_ids, s, selected = self._settings(group, p, run)
             if selected:
                 taus = (solver.task_vectors(base, [e.tensor for e in group.non_base],
-                                            _compute_dtype(base))
+                                            solver.compute_dtype(base))
                         if recorder.keeps_taus(s) else None)
                 recorder.add(name, model_ids, s, base.numel(),
                              guards.gram(name, group, taus), taus)
@@ -178,7 +178,7 @@ class AWDMerge(GroupMergeMethod):
     def _disentangled(self, group, name, model_ids, s: Settings, run):
         """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
         base, inputs = group.base.tensor, [e.tensor for e in group.non_base]
-        dtype = _compute_dtype(base)
+        dtype = solver.compute_dtype(base)
         # the task vectors themselves only where delta is a full-space vector (adam)
         # or sparsification needs them; else G and the combination read the inputs
         taus = None
@@ -202,7 +202,7 @@ class AWDMerge(GroupMergeMethod):
     def _combine(self, base, taus, w, delta, s: Settings) -> torch.Tensor:
         """base + the (TIES-/DARE-) combination of tau_k - delta (+ keep_delta * delta)."""
         if self.combine_with == "task_arithmetic":
-            return awd_task_arithmetic(base, taus, w, delta, s)
+            return awd_task_arithmetic(base, taus, delta, s)
         if w is not None:
             delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
         hat = taus - delta.to(taus.device, taus.dtype) if delta is not None else taus
@@ -224,7 +224,7 @@ class AWDMerge(GroupMergeMethod):
         theirs = {p.name for p in merge_methods.get(self.combine_with).spec.parameters}
         parameters = {p.name: s.value(p.name) for p in self.declared if p.name in theirs}
         return merge_tensors([base, *tensors], self.combine_with, parameters=parameters,
-                             base_index=0, dtype=_compute_dtype(base))
+                             base_index=0, dtype=solver.compute_dtype(base))
 
 
 def awd_coefficients(w: np.ndarray, s: Settings) -> torch.Tensor:
@@ -236,10 +236,10 @@ def awd_coefficients(w: np.ndarray, s: Settings) -> torch.Tensor:
     return scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
 
 
-def awd_task_arithmetic(base, taus, w, delta, s: Settings) -> torch.Tensor:
-    """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta."""
-    if w is not None:
-        return combine(base, taus, awd_coefficients(w, s), 1.0)
+def awd_task_arithmetic(base, taus, delta, s: Settings) -> torch.Tensor:
+    """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta, for a
+    full-space delta (adam; under sgd ``solver.combination`` with
+    ``awd_coefficients`` merges without the task vectors)."""
     W, scale = sum(s.weights), _scale(s)
     merged = combine(base, taus, torch.tensor(s.weights, dtype=torch.float64), scale)
     if delta is not None:
@@ -259,9 +259,3 @@ def _scale(s: Settings) -> float:
     if s.normalize:
         return s.lam / (W if abs(W) >= 1e-8 else 1.0)
     return s.lam
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32 at least (float64 stays float64), whatever the inputs' dtype."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-

@@ -25,14 +25,6 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-# Bytes of float64 converted at a time when accumulating a Gram matrix: K rows
-# of a chunk stay in a core's L2 cache (measured: 2.2x faster than 2 MB chunks
-# at K = 4 on the 2-core CI machine). float64 matters: plain GD on |cos|
-# oscillates around its kinks, so after ~1000 steps a 1e-8 error in G (float32
-# partial sums) grows to ~1e-5 in delta.
-GRAM_CHUNK_BYTES = 512 * 1024
-
-
 def task_vectors(base: torch.Tensor, tensors, dtype: torch.dtype) -> torch.Tensor:
     """tau_k = tensors[k] - base, stacked (K x base.shape) in ``dtype``, one allocation."""
     base = base.to(dtype)
@@ -42,30 +34,18 @@ def task_vectors(base: torch.Tensor, tensors, dtype: torch.dtype) -> torch.Tenso
     return taus
 
 
-def gram(taus: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """G = T T^T of K stacked vectors (any trailing shape), in float64.
-
-    Converted to float64 one cache-sized chunk at a time, so exactness costs
-    no K x P float64 copy. Returns a K x K tensor on the device of ``taus``.
-    """
-    flat = taus.reshape(taus.shape[0], -1)
-    if chunk is None:  # on a GPU, launches cost more than cache misses
-        per_row = GRAM_CHUNK_BYTES * (32 if flat.is_cuda else 1) // 8
-        chunk = max(1024, per_row // max(flat.shape[0], 1))
-    G = torch.zeros(
-        (flat.shape[0], flat.shape[0]), dtype=torch.float64, device=flat.device
-    )
-    for start in range(0, flat.shape[1], chunk):
-        x = flat[:, start : start + chunk].to(torch.float64)
-        G.addmm_(x, x.T)
-    return G
-
-
-# Elements of each input taken at a time by the fused kernels below on a CPU: the
-# K float64 task-vector rows of a chunk stay in a core's L2 cache. On a GPU the
-# chunk is large (launches cost more than cache misses).
+# Elements of each input (or task vector) taken at a time by G and the
+# combination on a CPU: the K float64 rows of a chunk stay in a core's cache. On a
+# GPU the chunk is large (launches cost more than cache misses). float64 matters:
+# plain GD on |cos| oscillates around its kinks, so after ~1000 steps a 1e-8
+# error in G (float32 partial sums) grows to ~1e-5 in delta.
 FUSED_CHUNK = 65536
-FUSED_CHUNK_CUDA = 1 << 24
+FUSED_CHUNK_CUDA = 1 << 22  # K float64 rows: 128 MiB at K = 4 (not measured on a GPU)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 at least (float64 stays float64), whatever the inputs' dtype."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _chunk(base: torch.Tensor, chunk: Optional[int]) -> int:
@@ -78,31 +58,15 @@ def _spans(n: int, step: int):
         yield start, min(step, n - start)
 
 
-def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
-            chunk: Optional[int] = None, dots: Optional[bool] = None) -> np.ndarray:
-    """G of tau_k = tensors[k] - base (float64, K x K), without the K x P stack.
-
-    ``gram(task_vectors(...))`` fused: each chunk's differences go straight into a
-    float64 buffer (exact for bf16 / fp16 / fp32 inputs), then the K(K+1)/2 dot
-    products (``dots``, on a CPU: torch's ddot on contiguous rows) or one addmm
-    (on a GPU, where launches cost more). For K x K outputs a CPU GEMM is the slow
-    way, and numpy's BLAS is worse still here: its threads and torch's take turns
-    spinning (measured on one 2.9M x 4 bf16 tensor: 0.48 s vs 0.03 s).
-    """
-    K = len(tensors)
-    b = base.reshape(-1)
-    flat = [t.reshape(-1) for t in tensors]
-    step = _chunk(b, chunk)
-    dots = not b.is_cuda if dots is None else dots
-    T = torch.empty((K, step), dtype=torch.float64, device=b.device)
-    b64 = torch.empty(step, dtype=torch.float64, device=b.device)
+def _gram_from(chunks, K: int, device, dots: bool) -> np.ndarray:
+    """sum over ``chunks`` (K x m float64) of x x^T: the K(K+1)/2 dot products
+    (``dots``, on a CPU: torch's ddot on contiguous rows) or one addmm (on a GPU,
+    where launches cost more). For K x K outputs a CPU GEMM is the slow way, and
+    numpy's BLAS is worse still here: its threads and torch's take turns spinning
+    (measured on one 2.9M x 4 bf16 tensor: 0.48 s vs 0.03 s)."""
     G = np.zeros((K, K)) if dots else torch.zeros((K, K), dtype=torch.float64,
-                                                   device=b.device)
-    for start, m in _spans(b.numel(), step):
-        b64[:m].copy_(b[start:start + m])
-        for k, f in enumerate(flat):
-            torch.sub(f[start:start + m], b64[:m], out=T[k, :m])
-        x = T[:, :m]
+                                                   device=device)
+    for x in chunks:
         if not dots:
             G.addmm_(x, x.T)
             continue
@@ -110,6 +74,40 @@ def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
             for j in range(i, K):
                 G[i, j] += float(torch.dot(x[i], x[j]))
     return np.triu(G) + np.triu(G, 1).T if dots else G.cpu().numpy()
+
+
+def gram(taus: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+    """G = T T^T of K stacked vectors (any trailing shape), in float64, one chunk
+    converted at a time (no K x P float64 copy); a K x K tensor on taus' device."""
+    flat = taus.reshape(taus.shape[0], -1)
+    step = _chunk(flat[0], chunk)
+    chunks = (flat[:, start:start + m].to(torch.float64)
+              for start, m in _spans(flat.shape[1], step))
+    G = _gram_from(chunks, flat.shape[0], flat.device, dots=not flat.is_cuda)
+    return torch.from_numpy(G).to(flat.device)
+
+
+def gram_of(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+            chunk: Optional[int] = None, dots: Optional[bool] = None) -> np.ndarray:
+    """G of tau_k = tensors[k] - base (float64, K x K), without the K x P stack:
+    ``gram(task_vectors(...))`` fused, each chunk's differences straight into a
+    float64 buffer (exact for bf16 / fp16 / fp32 inputs). ``dots``: how the chunks
+    are summed (``_gram_from``; default: dot products on a CPU, addmm on a GPU)."""
+    K = len(tensors)
+    b = base.reshape(-1)
+    flat = [t.reshape(-1) for t in tensors]
+    step = _chunk(b, chunk)
+    T = torch.empty((K, step), dtype=torch.float64, device=b.device)
+    b64 = torch.empty(step, dtype=torch.float64, device=b.device)
+
+    def chunks():
+        for start, m in _spans(b.numel(), step):
+            b64[:m].copy_(b[start:start + m])
+            for k, f in enumerate(flat):
+                torch.sub(f[start:start + m], b64[:m], out=T[k, :m])
+            yield T[:, :m]
+
+    return _gram_from(chunks(), K, b.device, dots=not b.is_cuda if dots is None else dots)
 
 
 def combination(base: torch.Tensor, tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
