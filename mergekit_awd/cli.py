@@ -15,6 +15,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
 from mergekit_awd import context, evaluate, mergekit_run, params, report, scope, tune
+from mergekit_awd import learn as learn_mod
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.scope import AWD_METHODS
 
@@ -178,47 +179,100 @@ def _knob_values(p, given: Optional[str], config) -> List[float]:
                    "to choose")
 @click.option("--methods", default=None,
               help="comma-separated merge methods to compare (default: the recipe's, "
-                   "task_arithmetic, ties)")
+                   "task_arithmetic, ties; with --learn: the recipe's if it can be "
+                   "learned, and task_arithmetic)")
 @_knob_options
-@click.option("--metric", type=click.Choice(["exact", "loss"]), default="exact",
-              show_default=True,
+@click.option("--metric", type=click.Choice(["exact", "loss", "entropy"]), default=None,
               help="the score that chooses: exact match of the greedy answer (higher is "
-                   "better) or mean completion loss (lower is better)")
+                   "better), mean completion loss or, for prompts without completions, "
+                   "the entropy of the model's own answers (lower is better). Default: "
+                   "exact, or entropy when some example has no completion")
 @click.option("--eval-cmd", "eval_cmd", default=None,
               help="score each candidate with this command instead: '{model}' is replaced "
                    "by the merged model's folder; the last line of its output must be one "
                    "number, higher is better")
+@click.option("--learn", type=click.Choice(learn_mod.KINDS), default=None,
+              help="also learn one coefficient per input model (model) or per model and "
+                   "layer (layer) on --data, starting from each method's best static "
+                   "candidate (awd and task_arithmetic)")
+@click.option("--objective", type=click.Choice(["loss", "entropy"]), default=None,
+              help="what --learn minimises: the completion loss (default when every "
+                   "example has a completion) or the entropy of the model's own answers "
+                   "(AdaMerging's; prompts alone suffice)")
+@click.option("--holdout", type=float, default=0.25, show_default=True,
+              help="fraction of each --data task held out from --learn's fit: it picks "
+                   "the step to keep and decides learned vs static")
+@click.option("--learn-steps", type=int, default=60, show_default=True,
+              help="--learn: optimizer steps")
+@click.option("--learn-lr", type=float, default=0.05, show_default=True,
+              help="--learn: Adam's learning rate for the coefficients")
+@click.option("--learn-batch", type=int, default=8, show_default=True,
+              help="--learn: examples per step (round-robin over tasks)")
+@click.option("--eval-every", type=int, default=10, show_default=True,
+              help="--learn: steps between held-out evaluations")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="length limit of the model's own answers (entropy)")
 @click.option("--out", "out_dir", default="awd-tune", show_default=True,
               help="folder for tune.json, tune-lambda.svg and best.yml")
 @click.option("--merge-to", "merge_to", default=None,
               help="write the chosen setting's merged model here (reusing the Gram pass)")
 @click.option("--max-memory", "max_memory", type=float, default=None,
-              help="GiB allowed for forming candidates in memory (default: 70%% of the "
-                   "memory available); over it, each candidate is written to a temporary "
-                   "folder")
+              help="GiB allowed for forming candidates in memory and for --learn "
+                   "(default: 70%% of the memory available); over it, each candidate is "
+                   "written to a temporary folder, and --learn is refused")
 @click.option("--batch-tokens", "batch_tokens", type=int, default=4096, show_default=True,
               help="tokens per scoring batch")
 @add_merge_options
 def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
-                 metric, eval_cmd, out_dir, merge_to, max_memory, batch_tokens, **knobs):
+                 metric, eval_cmd, learn, objective, holdout, learn_steps, learn_lr,
+                 learn_batch, eval_every, max_new_tokens, out_dir, merge_to, max_memory,
+                 batch_tokens, **knobs):
     """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
 
     Every candidate is the recipe with those values replaced; the winner is written
-    as best.yml, ready for mergekit-yaml.
+    as best.yml, ready for mergekit-yaml. With --learn, coefficients per model (and
+    layer) are learned on the data too, and written as learned.yml.
     """
     merge_options.apply_global_options()
     config, _ = _load(config_file)
+    learning = None
+    if learn:
+        learning = Learning(learn, objective, holdout, learn_steps, learn_lr, learn_batch,
+                            eval_every)
     try:
         _tune(config, merge_options, data=data, test=test, methods=methods,
               knobs={p.name: knobs[p.name] for p in params.TUNABLE}, metric=metric,
               eval_cmd=eval_cmd, out_dir=out_dir, merge_to=merge_to, max_memory=max_memory,
-              batch_tokens=batch_tokens)
+              batch_tokens=batch_tokens, learning=learning, max_new_tokens=max_new_tokens)
     except (evaluate.AWDDataError, AWDParameterError) as error:
         raise click.ClickException(str(error))
 
 
+@dataclasses.dataclass
+class Learning:
+    """What --learn was asked for."""
+
+    kind: str
+    objective: Optional[str]
+    holdout: float
+    steps: int
+    lr: float
+    batch: int
+    eval_every: int
+
+    def check(self) -> None:
+        for name, value, ok, allowed in (
+                ("--holdout", self.holdout, 0 < self.holdout < 1, "in (0, 1)"),
+                ("--learn-steps", self.steps, self.steps >= 0, ">= 0"),
+                ("--learn-lr", self.lr, self.lr > 0, "> 0"),
+                ("--learn-batch", self.batch, self.batch >= 1, ">= 1"),
+                ("--eval-every", self.eval_every, self.eval_every >= 1, ">= 1")):
+            if not ok:
+                raise click.BadParameter(f"must be {allowed}; got {value}", param_hint=name)
+
+
 def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_dir,
-          merge_to, max_memory, batch_tokens):
+          merge_to, max_memory, batch_tokens, learning=None, max_new_tokens=64):
     import json
     import shlex
     import subprocess
@@ -237,26 +291,71 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     if eval_cmd and test:
         raise click.UsageError("--test is scored by the built-in scorer; with --eval-cmd, "
                                "run your evaluator on the merge of best.yml (--merge-to)")
+    if learning is not None:
+        learning.check()
+        if eval_cmd:
+            raise click.UsageError("--learn fits and stops on the built-in scores; it "
+                                   "cannot be combined with --eval-cmd")
+        if config.slices or config.modules:
+            raise click.UsageError("--learn writes per-model weights into a 'models:' "
+                                   "recipe; this recipe has slices/modules")
     base_path = str(config.base_model.model.path)
     recipe_method = config.merge_method
-    method_list = ([m.strip() for m in methods.split(",") if m.strip()] if methods
-                   else list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"])))
+    if methods:
+        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    elif learning is not None:
+        method_list = list(dict.fromkeys(
+            [m for m in (recipe_method, "task_arithmetic") if m in learn_mod.LEARNABLE]))
+    else:
+        method_list = list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"]))
+    if learning is not None:
+        learn_mod.refuse_unlearnable(method_list)
     candidates = tune.grid(method_list, {p.name: _knob_values(p, knobs[p.name], config)
                                          for p in params.TUNABLE})
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    tasks = evaluate.load_tasks(data, tokenizer, base_path)
+    # prompts alone only where entropy was asked for (elsewhere a missing completion
+    # is a mistake, named as one)
+    prompts_only = metric == "entropy" or (learning is not None
+                                           and learning.objective == "entropy")
+    tasks = evaluate.load_tasks(data, tokenizer, base_path, need_answers=not prompts_only)
+    complete = all(a is not None for t in tasks for _, a in t.examples)
+    if metric is None:
+        metric = "exact" if complete else "entropy"
+    if metric != "entropy" and not complete:
+        where = next(t.path for t in tasks if any(a is None for _, a in t.examples))
+        raise evaluate.AWDDataError(
+            f"{where}: some examples have no completion, which --metric {metric} needs; "
+            f"give --metric entropy to score prompts alone")
+    if learning is not None:
+        learning.objective = learning.objective or "loss"
     test_tasks = evaluate.load_tasks(test, tokenizer, base_path) if test else []
+    end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    scorer = evaluate.Scorer(metric, end_ids, max_new_tokens, batch_tokens)
     device = options.device or "cpu"
     model = tune.load_model(base_path, device)
     limit = int(max_memory * 2**30) if max_memory else tune.default_max_memory()
     former = tune.Former(config, options, limit, model, in_memory=eval_cmd is None)
+    if learning is not None:
+        k = len([m for m in config.models or [] if m.model != config.base_model])
+        fitting = learn_mod.memory_needed(k, sum(p.numel() for p in model.parameters()))
+        need = fitting + tune.input_bytes(config)
+        if not former.in_memory or need > limit:
+            raise click.ClickException(
+                f"--learn needs about {need / 2**30:.1f} GiB: the inputs read once "
+                f"({(need - fitting) / 2**30:.1f} GiB) and, for the fit, K + 4 = {k + 4} "
+                f"copies of the model in float32 ({fitting / 2**30:.1f} GiB, activations "
+                f"on top); that is over --max-memory {limit / 2**30:.1f} GiB"
+                + (f" ({former.reason})" if former.reason else ""))
     say = (lambda text: None) if options.quiet else (lambda text: click.echo(text, err=True))
     say(f"tune: {len(candidates)} candidates ({', '.join(method_list)}), "
         f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples")
     former.prepare(candidates)
     say("tune: forming candidates " + ("in memory" if former.in_memory
                                         else f"on disk ({former.reason})"))
+    if learning is not None and not former.in_memory:
+        raise click.ClickException(f"--learn needs the candidates formed in memory: "
+                                   f"{former.reason}")
     if former.collected is not None:
         say(f"tune: one Gram pass for every AWD candidate ({former.gram_seconds:.1f} s)")
 
@@ -283,13 +382,12 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         if former.in_memory:
             tune.swap_in(model, former.form(candidate))
             formed = time.perf_counter()
-            scores = evaluate.score(model, on_tasks, batch_tokens)
+            scores = scorer.scores(model, on_tasks)
         else:
             with former.on_disk(candidate) as folder:
                 formed = time.perf_counter()
-                scores = evaluate.score(tune.load_model(folder, device), on_tasks, batch_tokens)
-        means = {m: evaluate.mean(scores, m) for m in ("exact", "loss")}
-        return scores, means, formed - start, time.perf_counter() - formed
+                scores = scorer.scores(tune.load_model(folder, device), on_tasks)
+        return scores, scorer.means(scores), formed - start, time.perf_counter() - formed
 
     rows = []
     interrupted = False
@@ -310,7 +408,6 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         raise click.ClickException("tune: no candidate was scored")
     best = tune.choose(rows, metric_name)
     best_candidate = candidates[best]
-    os.makedirs(out_dir, exist_ok=True)
     best_cfg = tune.candidate_config(config, best_candidate)
     result = {
         "recipe": config.to_yaml(), "metric": metric_name, "form": (
@@ -318,27 +415,130 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         "gram_seconds": former.gram_seconds, "candidates": rows, "best": best,
         "interrupted": interrupted,
     }
+    chosen_label, chosen_tensors = best_candidate.label, None
+    learned = []
+    if learning is not None and not interrupted:
+        learned, interrupted = _learn_all(former, model, scorer, learning, tasks, rows,
+                                          candidates, options, say)
+        result["learned"] = [entry.summary for entry in learned]
+        result["interrupted"] = interrupted
+        winner = _learned_winner(learned, rows, best, scorer, say)
+        result["best_learned"] = winner
+        if winner is not None:
+            entry = learned[winner]
+            chosen_label, chosen_tensors, best_cfg = entry.label, entry.tensors, entry.config
+    os.makedirs(out_dir, exist_ok=True)
     if test_tasks and not interrupted:
-        scores, means, _, _ = run_candidate(best_candidate, test_tasks)
-        result["test"] = {"candidate": best_candidate.label, "scores": scores, "mean": means}
+        tested = [(chosen_label, chosen_tensors, "chosen")] + [
+            (e.label, e.tensors, "learned, not chosen") for e in learned
+            if e.tensors is not chosen_tensors]
+        result["test"] = {}
+        for label, tensors, role in tested:
+            if tensors is None:
+                scores, means, _, _ = run_candidate(best_candidate, test_tasks)
+            else:
+                tune.swap_in(model, tensors)
+                scores = scorer.scores(model, test_tasks)
+                means = scorer.means(scores)
+            if role == "chosen":
+                result["test"].update({"candidate": label, "scores": scores, "mean": means})
+            else:
+                result.setdefault("test_learned", []).append(
+                    {"candidate": label, "scores": scores, "mean": means})
     with open(os.path.join(out_dir, "best.yml"), "w", encoding="utf-8") as f:
         f.write(best_cfg.to_yaml())
+    for entry in learned:
+        entry.write(out_dir)
+    if learned:
+        top = learned[result["best_learned"]] if result["best_learned"] is not None else \
+            min(learned, key=lambda e: scorer.rank(e.summary["held_out"]))
+        top.write(out_dir, name="learned")
     with open(os.path.join(out_dir, "tune.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     _tune_picture(rows, metric_name, os.path.join(out_dir, "tune-lambda.svg"))
     click.echo(_tune_table(rows, best, metric_name))
-    if "test" in result:
-        t = result["test"]
-        click.echo(f"test ({best_candidate.label}, scored once): "
-                   + " ".join(f"{name} {s['exact']:.3f}/{s['loss']:.3f}"
+    for entry in learned:
+        click.echo(entry.line())
+    for t in ([result["test"]] if "test" in result else []) + result.get("test_learned", []):
+        click.echo(f"test ({t['candidate']}, scored once): "
+                   + " ".join(f"{name} " + "/".join(f"{s[m]:.3f}" for m in scorer.names)
                               for name, s in t["scores"].items())
-                   + f"  mean exact {t['mean']['exact']:.4f}, loss {t['mean']['loss']:.4f}")
-    click.echo(f"best: {best_candidate.label}  ->  {os.path.join(out_dir, 'best.yml')}")
+                   + "  mean " + ", ".join(f"{m} {v:.4f}" for m, v in t["mean"].items()))
+    click.echo(f"best: {chosen_label}  ->  {os.path.join(out_dir, 'best.yml')}")
     if merge_to and not interrupted:
-        former.merge(best_candidate, merge_to)
+        if chosen_tensors is None:
+            former.merge(best_candidate, merge_to)
+        else:
+            context.run_merge(best_cfg, merge_to, options, source=best_cfg.to_yaml(),
+                              known=former.known_gram(learned[result["best_learned"]].static))
         click.echo(f"merged: {merge_to}")
     if interrupted:
         sys.exit(130)
+
+
+def _learn_all(former, model, scorer, learning, tasks, rows, candidates, options, say):
+    """Learn each method's coefficients from its best static candidate."""
+    fit_tasks, held_tasks, held_index = evaluate.split(tasks, learning.holdout,
+                                                       options.random_seed or 0)
+    say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
+        f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
+        f"({learning.holdout:g} of each task); objective {learning.objective}")
+    learned, interrupted = [], False
+    for method in dict.fromkeys(c.method for c in candidates):
+        mine = [i for i, r in enumerate(rows) if r["method"] == method]
+        if not mine:
+            continue
+        static = candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
+        entry = learn_mod.learn(former, model, static, learning, fit_tasks, held_tasks,
+                                scorer, options,
+                                say=lambda text, m=method: say(f"learn {m}: {text}"))
+        entry.summary["static_held_out"] = evaluate.part_means(
+            rows[candidates.index(static)]["scores"], held_index, scorer.names)
+        entry.held_index = held_index
+        learned.append(entry)
+        interrupted |= entry.fit.interrupted
+        if interrupted:
+            break
+    return learned, interrupted
+
+
+def _beats(a: tuple, b: tuple) -> bool:
+    """``a`` ranks before ``b`` by more than float noise (the same merge formed two
+    ways can differ in a loss's last digits)."""
+    for x, y in zip(a, b):
+        if abs(x - y) > 1e-7 * max(1.0, abs(x), abs(y)):
+            return x < y
+    return False
+
+
+def _learned_winner(learned, rows, best, scorer, say) -> Optional[int]:
+    """The learned merge that beats the best static candidate on the held-out part
+    (its index), or None: the static one stays best.yml."""
+    if not learned:
+        return None
+    i = min(range(len(learned)), key=lambda j: scorer.rank(learned[j].summary["held_out"]))
+    entry = learned[i]
+    static = evaluate.part_means(rows[best]["scores"], entry.held_index, scorer.names)
+    metric = scorer.metric
+    each = f"{metric}_each"
+    diff = evaluate.paired_interval(
+        {t: s[each] for t, s in entry.held_scores.items()},
+        {t: [rows[best]["scores"][t][each][i] for i in chosen]
+         for t, chosen in entry.held_index.items()})
+    entry.summary["best_static"] = rows[best]["candidate"]
+    entry.summary["best_static_held_out"] = static
+    entry.summary["minus_best_static"] = {"metric": metric, "difference": diff[0],
+                                          "ci95": [diff[1], diff[2]]}
+    better = entry.fit.step > 0 and _beats(scorer.rank(entry.summary["held_out"]),
+                                           scorer.rank(static))
+    say(f"tune --learn: held-out {metric} of {entry.label} "
+        f"{entry.summary['held_out'][metric]:.4f} vs {static[metric]:.4f} for the best "
+        f"static candidate ({rows[best]['candidate']}): difference {diff[0]:+.4f}, 95% CI "
+        f"[{diff[1]:+.4f}, {diff[2]:+.4f}]; "
+        + ("the learned merge is best.yml" if better else
+           "the learned merge does not beat it, so best.yml stays the static one "
+           "(the learned recipe is learned.yml)"))
+    return i if better else None
 
 
 def _tune_table(rows, best: int, metric: str) -> str:
@@ -352,7 +552,8 @@ def _tune_table(rows, best: int, metric: str) -> str:
         cells = "".join(f"{r['scores'][t][metric]:11.4f}" for t in tasks)  # none: external
         cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
         lines.append(f"{mark}{r['candidate']:{width}s}{cells}")
-    what = {"exact": "exact match", "loss": "loss", "external": "--eval-cmd"}[metric]
+    what = {"exact": "exact match", "loss": "loss", "entropy": "entropy",
+            "external": "--eval-cmd"}[metric]
     lines.append(f"(per-task columns: {what}; * = chosen on {what})" if tasks
                  else f"(* = chosen on {what})")
     return "\n".join(lines)
@@ -363,13 +564,13 @@ def _tune_picture(rows, metric: str, path: str) -> None:
     series: Dict[str, Dict[float, float]] = {}
     for r in rows:
         value = r["mean"][metric]
-        if metric == "loss":
+        if metric in ("loss", "entropy"):
             value = -value
         pts = series.setdefault(r["method"], {})
         lam = r["settings"]["lambda"]
         pts[lam] = max(pts.get(lam, -float("inf")), value)
     label = {"exact": "mean exact match", "loss": "- mean loss",
-             "external": "--eval-cmd score"}[metric]
+             "entropy": "- mean entropy", "external": "--eval-cmd score"}[metric]
     svg = report.lines_svg({m: sorted(p.items()) for m, p in series.items()},
                            "tune: best score per lambda", "lambda", label)
     with open(path, "w", encoding="utf-8") as f:

@@ -78,7 +78,9 @@ class RunContext:
         self.solved: Optional[GlobalSolution] = None
         self.error: Optional[BaseException] = None
         self.warned: set = set()
-        self.recording: Dict[int, scope.Collected] = {}  # thread -> its Gram pass
+        # thread -> what the kernel records instead of merging there: a Gram pass
+        # (scope.Collected) or the affine maps of a learned merge (scope.AffineMaps)
+        self.recording: Dict[int, object] = {}
 
     @classmethod
     def for_recipe(cls, config, options, out_path: Optional[str] = None,
@@ -116,17 +118,28 @@ class RunContext:
     @contextlib.contextmanager
     def recording_pass(self):
         """While it runs in this thread, the kernel records its inputs here."""
-        collected = scope.Collected()
-        self.recording[threading.get_ident()] = collected
+        with self._recording(scope.Collected()) as collected:
+            yield collected
+
+    @contextlib.contextmanager
+    def recording_maps(self):
+        """While it runs in this thread, the kernel records how each tensor it would
+        merge depends on the per-model weights (``scope.AffineMaps``), not merging."""
+        with self._recording(scope.AffineMaps()) as maps:
+            yield maps
+
+    @contextlib.contextmanager
+    def _recording(self, record):
+        self.recording[threading.get_ident()] = record
         token = _CURRENT.set(self)  # the pass's own executor runs in this thread
         try:
-            yield collected
+            yield record
         finally:
             _CURRENT.reset(token)
             del self.recording[threading.get_ident()]
 
-    def recorder(self) -> Optional[scope.Collected]:
-        """The Gram pass this thread is recording, if any."""
+    def recorder(self):
+        """What this thread is recording (a Gram pass or affine maps), if anything."""
         return self.recording.get(threading.get_ident()) if self.recording else None
 
     # -- solving -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Held-out data and the two built-in scores of `mergekit-awd tune`.
+"""Held-out data and the built-in scores of `mergekit-awd tune`.
 
 Data: JSON Lines, one example a line, either ``{"prompt": ..., "completion": ...}``
 or a chat ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last turn
@@ -15,6 +15,11 @@ Scores, per task, from one teacher-forced forward pass per batch:
   comparing, at the cost of one pass.
 - ``loss``: the mean over examples of the mean negative log-likelihood of the
   completion's tokens (the end token included).
+- ``entropy`` (prompts alone suffice): the model answers each prompt greedily
+  (up to and including its end token, at most ``max_new_tokens``); the score is
+  the mean over prompts of the mean entropy, in nats, of the next-token
+  distributions at the positions that produced that answer. Lower is more
+  confident: AdaMerging's objective, unsupervised (``self_entropy``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,8 +60,11 @@ def parse_spec(spec: str) -> Tuple[str, str]:
     return name, path
 
 
-def load_tasks(specs: Sequence[str], tokenizer, model_name: str) -> List[Task]:
-    """Read and tokenize every data file; one clear line for the first bad one."""
+def load_tasks(specs: Sequence[str], tokenizer, model_name: str,
+               need_answers: bool = True) -> List[Task]:
+    """Read and tokenize every data file; one clear line for the first bad one.
+    ``need_answers`` False: a line may hold a prompt alone (``prompt`` without
+    ``completion``, or ``messages`` ending with a user turn); its answer is None."""
     tasks, names = [], set()
     for spec in specs:
         name, path = parse_spec(spec)
@@ -68,8 +76,8 @@ def load_tasks(specs: Sequence[str], tokenizer, model_name: str) -> List[Task]:
         with open(path, "r", encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    task.examples.append(
-                        _example(line, f"{path}:{number}", tokenizer, model_name))
+                    task.examples.append(_example(line, f"{path}:{number}", tokenizer,
+                                                  model_name, need_answers))
         if not task.examples:
             raise AWDDataError(f"{path}: no examples (the file is empty); each line "
                                f"needs a JSON object with 'prompt' and 'completion', "
@@ -78,7 +86,7 @@ def load_tasks(specs: Sequence[str], tokenizer, model_name: str) -> List[Task]:
     return tasks
 
 
-def _example(line: str, where: str, tokenizer, model_name: str):
+def _example(line: str, where: str, tokenizer, model_name: str, need_answers: bool = True):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -87,17 +95,26 @@ def _example(line: str, where: str, tokenizer, model_name: str):
         raise AWDDataError(f"{where}: expected a JSON object with 'prompt' and "
                            f"'completion', or 'messages'; got {type(record).__name__}")
     if "messages" in record:
-        prompt, completion = _chat(record["messages"], where, tokenizer, model_name)
+        prompt, completion = _chat(record["messages"], where, tokenizer, model_name,
+                                   need_answers)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     else:
         for key in ("prompt", "completion"):
+            if key == "completion" and key not in record and not need_answers:
+                record = dict(record, completion=None)
+                continue
             if key not in record:
                 raise AWDDataError(f"{where}: missing field '{key}' (each line needs "
-                                   f"'prompt' and 'completion', or 'messages')")
-            if not isinstance(record[key], str):
+                                   f"'prompt' and 'completion', or 'messages'; prompts "
+                                   f"alone: --metric entropy)")
+            if not isinstance(record[key], str) and record[key] is not None:
                 raise AWDDataError(f"{where}: field '{key}' must be a string")
         prompt, completion = record["prompt"], record["completion"]
         prompt_ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own BOS convention
+    if completion is None:
+        if not prompt_ids:
+            raise AWDDataError(f"{where}: the prompt tokenizes to nothing")
+        return list(prompt_ids), None
     answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer = answer + [tokenizer.eos_token_id]
@@ -106,12 +123,19 @@ def _example(line: str, where: str, tokenizer, model_name: str):
     return list(prompt_ids), list(answer)
 
 
-def _chat(messages, where: str, tokenizer, model_name: str) -> Tuple[str, str]:
+def _chat(messages, where: str, tokenizer, model_name: str,
+          need_answers: bool = True) -> Tuple[str, Optional[str]]:
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                        and isinstance(m.get("role"), str) for m in messages)):
         raise AWDDataError(f"{where}: 'messages' must be a non-empty list of "
                            f"{{'role': ..., 'content': ...}} objects")
+    if messages[-1]["role"] != "assistant" and not need_answers:
+        if not getattr(tokenizer, "chat_template", None):
+            raise AWDDataError(f"{where}: 'messages' needs a chat template, and the "
+                               f"tokenizer of {model_name} has none; write 'prompt' lines")
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True), None
     if messages[-1]["role"] != "assistant":
         raise AWDDataError(f"{where}: the last message must be the assistant's answer "
                            f"(role 'assistant'); got role {messages[-1]['role']!r}")
@@ -123,41 +147,230 @@ def _chat(messages, where: str, tokenizer, model_name: str) -> Tuple[str, str]:
     return prompt, messages[-1]["content"]
 
 
+def rows_of(examples: Sequence[Tuple[List[int], List[int]]], device):
+    """Right-padded ``input_ids`` and ``attention_mask`` of (prompt, answer) rows."""
+    width = max(len(p) + len(a) for p, a in examples)
+    ids = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (prompt, answer) in enumerate(examples):
+        seq = list(prompt) + list(answer)
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def answer_logits(logits: torch.Tensor, examples) -> List[torch.Tensor]:
+    """Per row, the logits that predict its answer's tokens (len(answer) x vocab)."""
+    return [logits[row, len(p) - 1:len(p) + len(a) - 1]
+            for row, (p, a) in enumerate(examples)]
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """float32 at least (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def nll_each(logits: torch.Tensor, examples) -> torch.Tensor:
+    """Per row, the mean negative log-likelihood of its answer (differentiable)."""
+    out = []
+    for picked, (_, answer) in zip(answer_logits(logits, examples), examples):
+        target = torch.tensor(answer, device=picked.device)
+        out.append(torch.nn.functional.cross_entropy(_wide(picked), target))
+    return torch.stack(out)
+
+
+def entropy_each(logits: torch.Tensor, examples) -> torch.Tensor:
+    """Per row, the mean entropy (nats) of the next-token distributions that predict
+    its answer's tokens (differentiable)."""
+    out = []
+    for picked in answer_logits(logits, examples):
+        logp = torch.log_softmax(_wide(picked), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1).mean())
+    return torch.stack(out)
+
+
+def _chunks(examples, batch_tokens: int):
+    """Indices of the examples, longest first, in batches of about batch_tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -sum(map(len, examples[i])))
+    start = 0
+    while start < len(order):
+        width = sum(map(len, examples[order[start]]))
+        chunk = order[start:start + max(1, batch_tokens // width)]
+        start += len(chunk)
+        yield chunk
+
+
 @torch.no_grad()
 def score(model, tasks: Sequence[Task], batch_tokens: int = 4096) -> Dict[str, Dict]:
-    """Per task: ``exact`` (greedy answer == completion) and ``loss`` (mean NLL)."""
+    """Per task: ``exact`` (greedy answer == completion) and ``loss`` (mean NLL), with
+    the value of each example (``exact_each``, ``loss_each``)."""
     device = next(model.parameters()).device
-    pad = 0
     out = {}
     for task in tasks:
-        order = sorted(range(len(task.examples)), key=lambda i: -sum(map(len, task.examples[i])))
-        exact = [0.0] * len(order)
-        loss = [0.0] * len(order)
-        start = 0
-        while start < len(order):
-            width = sum(map(len, task.examples[order[start]]))
-            rows = max(1, batch_tokens // width)
-            chunk = order[start:start + rows]
-            start += len(chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                seq = task.examples[i][0] + task.examples[i][1]
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, i in enumerate(chunk):
-                prompt, answer = task.examples[i]
-                at = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=device)
-                picked = logits[row, at].float()
-                target = torch.tensor(answer, device=device)
-                nll = torch.nn.functional.cross_entropy(picked, target)
-                loss[i] = float(nll)
+        examples = task.examples
+        if any(a is None for _, a in examples):
+            raise AWDDataError(f"{task.path}: exact and loss need a completion for every "
+                               f"example; score prompts alone with --metric entropy")
+        exact = [0.0] * len(examples)
+        loss = [0.0] * len(examples)
+        for chunk in _chunks(examples, batch_tokens):
+            rows = [examples[i] for i in chunk]
+            logits = model(*rows_of(rows, device)).logits
+            nll = nll_each(logits, rows)
+            for row, (i, picked) in enumerate(zip(chunk, answer_logits(logits, rows))):
+                target = torch.tensor(rows[row][1], device=device)
+                loss[i] = float(nll[row])
                 exact[i] = float(bool((picked.argmax(-1) == target).all()))
-        n = len(order)
+        n = len(examples)
         out[task.name] = {"exact": sum(exact) / n, "loss": sum(loss) / n,
-                          "exact_each": exact, "examples": n}
+                          "exact_each": exact, "loss_each": loss, "examples": n}
     return out
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts: Sequence[List[int]], end_ids: Sequence[int],
+                   max_new_tokens: int, batch: int = 16) -> List[List[int]]:
+    """The model's greedy answer to each prompt: generated tokens up to and including
+    the first end token (or ``max_new_tokens`` of them)."""
+    device = next(model.parameters()).device
+    ends = set(end_ids)
+    out: List[List[int]] = []
+    for start in range(0, len(prompts), batch):
+        part = prompts[start:start + batch]
+        width = max(map(len, part))
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for row, prompt in enumerate(part):  # left-padded for generation
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=list(ends), pad_token_id=0)[:, width:]
+        for row in generated.tolist():
+            answer = []
+            for token in row:
+                answer.append(token)
+                if token in ends:
+                    break
+            out.append(answer)
+    return out
+
+
+@torch.no_grad()
+def self_entropy(model, tasks: Sequence[Task], end_ids: Sequence[int],
+                 max_new_tokens: int = 64, batch_tokens: int = 4096) -> Dict[str, Dict]:
+    """Per task: ``entropy``, the mean over prompts of ``entropy_each``: the mean
+    entropy of the next-token distributions over the model's own greedy answer
+    (AdaMerging's objective; lower is more confident). Completions are ignored."""
+    device = next(model.parameters()).device
+    out = {}
+    for task in tasks:
+        prompts = [p for p, _ in task.examples]
+        answers = greedy_answers(model, prompts, end_ids, max_new_tokens)
+        examples = [(p, a) for p, a in zip(prompts, answers)]
+        each = [0.0] * len(examples)
+        for chunk in _chunks(examples, batch_tokens):
+            rows = [examples[i] for i in chunk]
+            values = entropy_each(model(*rows_of(rows, device)).logits, rows)
+            for i, v in zip(chunk, values.tolist()):
+                each[i] = v
+        out[task.name] = {"entropy": sum(each) / len(each), "entropy_each": each,
+                          "examples": len(each)}
+    return out
+
+
+def rank(means: Dict[str, float], metric: str) -> tuple:
+    """Lower is better: highest exact (lowest loss breaks ties), lowest loss (highest
+    exact breaks ties), lowest entropy, or highest --eval-cmd score; NaN last."""
+    def value(name, sign):
+        v = means.get(name, math.nan)
+        return math.inf if math.isnan(v) else sign * v
+
+    if metric == "exact":
+        return (value("exact", -1), value("loss", 1))
+    if metric == "loss":
+        return (value("loss", 1), value("exact", -1))
+    if metric == "entropy":
+        return (value("entropy", 1),)
+    return (value("external", -1),)
+
+
+class Scorer:
+    """The built-in scores of one metric family on a loaded model."""
+
+    def __init__(self, metric: str, end_ids, max_new_tokens: int, batch_tokens: int):
+        self.metric, self.end_ids = metric, list(end_ids)
+        self.max_new_tokens, self.batch_tokens = max_new_tokens, batch_tokens
+
+    @property
+    def names(self):
+        return ("entropy",) if self.metric == "entropy" else ("exact", "loss")
+
+    def scores(self, model, tasks) -> Dict:
+        if self.metric == "entropy":
+            return self_entropy(model, tasks, self.end_ids, self.max_new_tokens,
+                                         self.batch_tokens)
+        return score(model, tasks, self.batch_tokens)
+
+    def means(self, scores: Dict) -> Dict[str, float]:
+        return {m: mean(scores, m) for m in self.names}
+
+    def measure(self, model, tasks) -> Dict[str, float]:
+        return self.means(self.scores(model, tasks))
+
+    def rank(self, means: Dict[str, float]) -> tuple:
+        return rank(means, self.metric)
+
+
+def split(tasks: Sequence[Task], holdout: float, seed: int = 0):
+    """Each task's examples in two parts, a fraction ``holdout`` (at least one, and
+    at least one left) drawn at random (``seed``): (fit tasks, held-out tasks, the
+    held-out indices per task name)."""
+    import random
+
+    fit, held, index = [], [], {}
+    for task in tasks:
+        n = len(task.examples)
+        if n < 2:
+            raise AWDDataError(f"{task.path}: --learn needs at least 2 examples per task "
+                               f"(one to fit, one held out); it has {n}")
+        k = min(n - 1, max(1, round(holdout * n)))
+        chosen = sorted(random.Random(f"{seed}-{task.name}").sample(range(n), k))
+        rest = [i for i in range(n) if i not in set(chosen)]
+        index[task.name] = chosen
+        fit.append(Task(task.name, task.path, [task.examples[i] for i in rest]))
+        held.append(Task(task.name, task.path, [task.examples[i] for i in chosen]))
+    return fit, held, index
+
+
+def part_means(scores: Dict[str, Dict], index: Dict[str, List[int]],
+               metrics: Sequence[str]) -> Dict[str, float]:
+    """The means of ``metrics`` over the examples ``index`` names, per task, then over
+    tasks (from the per-example values ``score`` / ``self_entropy`` keep)."""
+    out = {}
+    for metric in metrics:
+        per_task = [sum(scores[name][f"{metric}_each"][i] for i in chosen) / len(chosen)
+                    for name, chosen in index.items()]
+        out[metric] = sum(per_task) / len(per_task)
+    return out
+
+
+def paired_interval(a: Dict[str, Sequence[float]], b: Dict[str, Sequence[float]],
+                    resamples: int = 2000, seed: int = 0, level: float = 0.95):
+    """(difference, low, high): the mean over tasks of each task's mean of a - b
+    (paired, example by example), and its percentile bootstrap interval resampling
+    examples within each task."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    diffs = {t: np.asarray(a[t], dtype=float) - np.asarray(b[t], dtype=float) for t in a}
+    point = float(np.mean([d.mean() for d in diffs.values()]))
+    boots = np.zeros(resamples)
+    for d in diffs.values():
+        boots += d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    boots /= len(diffs)
+    low, high = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return point, float(low), float(high)
 
 
 def mean(scores: Dict[str, Dict], metric: str) -> float:

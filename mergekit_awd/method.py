@@ -114,6 +114,8 @@ class AWDMerge(GroupMergeMethod):
         """One group, as mergekit hands it over (already in its dtype)."""
         run = context.current()
         recorder = run.recorder() if run is not None else None
+        if isinstance(recorder, scope.AffineMaps):  # how it depends on the weights
+            return self._record_map(group, p, recorder, run)
         if recorder is not None:  # a Gram pass: record, do not merge
             return self._record(group, p, recorder, run)
         result = self._merge(group, p, run)
@@ -143,6 +145,38 @@ class AWDMerge(GroupMergeMethod):
                 recorder.add(name, model_ids, s, base.numel(),
                              guards.gram(name, group, taus), taus)
         return base.new_zeros(()).expand(base.shape)  # a placeholder: no memory
+
+    def _record_map(self, group: TensorGroup, p: dict, maps, run) -> torch.Tensor:
+        """The tensor's (a, M) (``scope.AffineMaps``) instead of the merge."""
+        base = group.base.tensor
+        if group.non_base and base.is_floating_point():
+            name, model_ids, s, selected = self._settings(group, p, run)
+            maps.maps[name] = self.affine_map(group, name, model_ids, s, selected, run)
+        return base.new_zeros(()).expand(base.shape)
+
+    def affine_map(self, group, name, model_ids, s: Settings, selected: bool, run):
+        """(a, M) such that this tensor's merge is base + sum_j (a_j + sum_k weight_k
+        M[k, j]) tau_j, where it is a weighted sum of task vectors with the per-model
+        weights factored out (M holds lambda; normalize, which divides by the weights'
+        sum, is not affine in them). Refused where the merge is not such a sum."""
+        K = len(model_ids)
+        if s.normalize:
+            raise params.AWDParameterError(
+                f"{self.spec.name}: normalize divides by the sum of the weights, so "
+                f"the merge is not linear in them; learn with normalize: false")
+        if not selected:
+            if s.others == "base":
+                return np.zeros(K), np.zeros((K, K))
+            if self.combine_with == "task_arithmetic":
+                return np.zeros(K), s.lam * np.eye(K)
+        elif self.combine_with == "task_arithmetic" and s.optimizer == "sgd":
+            w, _ = self._solution(group, name, model_ids, s, run, None)
+            return awd_affine(w, s)
+        raise params.AWDParameterError(
+            f"{self.spec.name} (tensor {name}): the merge is not a weighted sum of "
+            f"task vectors ("
+            + ("TIES's sign election depends on the weights" if self.combine_with != "task_arithmetic"
+               else "optimizer: adam's delta is not in their span") + ")")
 
     def _merge(self, group: TensorGroup, p: dict, run) -> torch.Tensor:
         base = group.base.tensor
@@ -184,20 +218,23 @@ class AWDMerge(GroupMergeMethod):
         taus = None
         if s.optimizer == "adam" or self.combine_with != "task_arithmetic":
             taus = solver.task_vectors(base, inputs, dtype)
-        if s.scope == "global":
-            if run is None:
-                run = context.RunContext()  # nothing to read the scope from: it says so
-            w, delta = run.global_solution(s, model_ids).delta_for(name)
-        else:
-            G = guards.gram(name, group, taus)
-            solution = (run or context.RunContext()).solve(
-                model_ids, s, [name], G, base.numel(), [taus])
-            w, delta = solution.w, solution.delta[0] if solution.delta is not None else None
+        w, delta = self._solution(group, name, model_ids, s, run, taus)
         if self.combine_with == "task_arithmetic" and w is not None:
             return solver.combination(base, inputs, awd_coefficients(w, s), dtype)
         if taus is None:
             taus = solver.task_vectors(base, inputs, dtype)
         return self._combine(base.to(dtype), taus, w, delta, s)
+
+    def _solution(self, group, name, model_ids, s: Settings, run, taus):
+        """(w, delta) of this tensor's scope: the global solve, or its own."""
+        if s.scope == "global":
+            if run is None:
+                run = context.RunContext()  # nothing to read the scope from: it says so
+            return run.global_solution(s, model_ids).delta_for(name)
+        G = guards.gram(name, group, taus)
+        solution = (run or context.RunContext()).solve(
+            model_ids, s, [name], G, group.base.tensor.numel(), [taus])
+        return solution.w, solution.delta[0] if solution.delta is not None else None
 
     def _combine(self, base, taus, w, delta, s: Settings) -> torch.Tensor:
         """base + the (TIES-/DARE-) combination of tau_k - delta (+ keep_delta * delta)."""
@@ -231,16 +268,24 @@ def awd_coefficients(w: np.ndarray, s: Settings) -> torch.Tensor:
     """Under sgd delta = sum_k w_k tau_k, so base + scale * sum_k weight_k (tau_k -
     delta) + keep_delta * delta is one combination of the taus, with coefficients
     scale * weight_k + (keep_delta - scale * W) * w_k."""
-    W, scale = sum(s.weights), _scale(s)
+    W, scale = sum(s.weights), coefficient_scale(s)
     weights = torch.tensor(s.weights, dtype=torch.float64)
     return scale * weights + (s.keep_delta - scale * W) * torch.from_numpy(w)
+
+
+def awd_affine(w: np.ndarray, s: Settings):
+    """``awd_coefficients`` with the weights factored out (normalize off): the
+    coefficients are a + weights @ M, a = keep_delta * w, M[k, j] = lambda *
+    ([k == j] - w_j): weight_k scales tau_k - delta, delta = sum_j w_j tau_j."""
+    w = np.asarray(w, dtype=np.float64)
+    return s.keep_delta * w, s.lam * (np.eye(len(w)) - w[None, :])
 
 
 def awd_task_arithmetic(base, taus, delta, s: Settings) -> torch.Tensor:
     """base + scale * sum_k weight_k (tau_k - delta) + keep_delta * delta, for a
     full-space delta (adam; under sgd ``solver.combination`` with
     ``awd_coefficients`` merges without the task vectors)."""
-    W, scale = sum(s.weights), _scale(s)
+    W, scale = sum(s.weights), coefficient_scale(s)
     merged = combine(base, taus, torch.tensor(s.weights, dtype=torch.float64), scale)
     if delta is not None:
         merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta - scale * W)
@@ -253,7 +298,7 @@ def combine(base, taus, coeffs, scale: float) -> torch.Tensor:
     return base + torch.tensordot(c, taus, dims=1)
 
 
-def _scale(s: Settings) -> float:
+def coefficient_scale(s: Settings) -> float:
     """lambda, divided by the sum of weights under `normalize` (as task_arithmetic)."""
     W = sum(s.weights)
     if s.normalize:

@@ -86,6 +86,19 @@ class Collected:
         return sum((t.G for t in self.tensors), np.zeros((len(self.models),) * 2))
 
 
+@dataclass
+class AffineMaps:
+    """How each tensor a merge makes depends on the per-model weights, where it is
+    a weighted sum of task vectors: name -> (a, M), K and K x K, with
+
+        merged = base + sum_j (a_j + sum_k weight_k M[k, j]) tau_j
+
+    recorded by the kernel instead of merging (``RunContext.recording_maps``), for
+    coefficients learned per model and layer (``learn.py``)."""
+
+    maps: dict = field(default_factory=dict)
+
+
 def _names(models) -> str:
     return "[" + ", ".join(str(m) for m in models) + "]"
 
@@ -212,21 +225,27 @@ def _gram_pass(tasks, math_device, storage_device, quiet: bool) -> None:
 def _from_kept(tasks, kept: dict) -> Collected:
     """A kept Gram pass as the record the kernel would have made, after the checks the
     kernel makes while recording (one set of fine-tunes, one solver setting)."""
-    from mergekit import merge_methods
-
     by_name = {t.output_weight.name: t for t in tasks}
     collected = Collected()
     for name, G, numel in zip(kept["names"], kept["G"], kept["numel"]):
-        task = by_name[name]
-        models = tuple(m for m in task.model_order if m != task.base_model)
-        p = dict(task.parameters.items())
-        for d in params.DECLARED:
-            if d.per_model and d.name in task.input_parameters[models[0]]:
-                p[d.name] = {m: task.input_parameters[m][d.name] for m in models}
-        s = Settings.of(p, models, merge_methods.get(task.method_name).defaults)
+        models, s = task_settings(by_name[name])
         collected.check(name, models, s)
         collected.tensors.append(TensorRecord(name, G, int(numel)))
     return collected
+
+
+def task_settings(task) -> Tuple[Tuple, Settings]:
+    """(the fine-tunes, ``Settings``) of a planned task, as the kernel resolves them
+    (mergekit's own methods: their declared parameters, with mergekit's defaults)."""
+    from mergekit import merge_methods
+
+    models = tuple(m for m in task.model_order if m != task.base_model)
+    p = dict(task.parameters.items())
+    for d in params.DECLARED:
+        if d.per_model and models and d.name in task.input_parameters[models[0]]:
+            p[d.name] = {m: task.input_parameters[m][d.name] for m in models}
+    return models, Settings.of(p, models, getattr(merge_methods.get(task.method_name),
+                                                  "defaults", None))
 
 
 def _may_select(select: str, weight, base_model, trust_remote_code=None) -> bool:

@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from mergekit_awd import context, mergekit_run, params, scope
+from mergekit_awd import context, evaluate, mergekit_run, params, scope
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.scope import AWD_METHODS
 # mergekit methods whose `density` is their sparsification knob
@@ -105,13 +105,12 @@ def candidate_config(config, candidate: Candidate):
     spec = method_spec(candidate.method)
     known = {p.name for p in spec.parameters}
     overrides = candidate.overrides()
-    given = set()
     for _, block in params.parameter_blocks(cfg):
         for name in list(block or {}):
             if name not in known or name in overrides:
                 del block[name]
-            else:
-                given.add(name)
+    # a model block without it (per-model values override the top level)
+    given = set.intersection(*[set(m.parameters or {}) for m in cfg.models or []] or [set()])
     top = dict(cfg.parameters or {}, **overrides)
     for p in spec.parameters:
         if p.required and p.name not in given and p.name not in top:
@@ -197,6 +196,7 @@ class Former:
         self.config, self.options = config, options
         self.model = model
         self.inputs: Optional[Inputs] = None
+        self.input_tasks: list = []
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
         self.gram_seconds = 0.0
@@ -231,6 +231,7 @@ class Former:
                 self.in_memory = False
                 self.reason = "the recipe needs tokenizer or vocabulary work per tensor"
             else:
+                self.input_tasks = tasks
                 self.inputs = Inputs(tasks, self.options)
         awd = [c for c in candidates if c.is_awd]
         if not awd:
@@ -257,7 +258,13 @@ class Former:
         return dataclasses.replace(self.collected,
                                    settings=self.collected.settings.replace(**shared))
 
-    def _run(self, candidate: Candidate) -> context.RunContext:
+    def read_inputs(self) -> Inputs:
+        """The inputs read once (again, after ``learn`` consumed them)."""
+        if self.inputs is None:
+            self.inputs = Inputs(self.input_tasks, self.options)
+        return self.inputs
+
+    def run_for(self, candidate: Candidate) -> context.RunContext:
         """The candidate's merge context: one solve per solver setting, shared by the
         candidates that have it (scope: tensor: each tensor solves itself)."""
         known = self.known_gram(candidate)
@@ -273,8 +280,8 @@ class Former:
         """The candidate's merged tensors, formed from the inputs read once."""
         cfg = candidate_config(self.config, candidate)
         tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
-        with self._run(candidate).active(), _seeded(self.options), _quiet_kernel():
-            return self.inputs.form(tasks, cfg.out_dtype)
+        with self.run_for(candidate).active(), _seeded(self.options), _quiet_kernel():
+            return self.read_inputs().form(tasks, cfg.out_dtype)
 
     def merge(self, candidate: Candidate, out_path: str) -> None:
         """mergekit's run_merge of the candidate into ``out_path``, offered the shared
@@ -342,19 +349,11 @@ def swap_in(model, tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def choose(rows: Sequence[Dict], metric: str) -> int:
-    """Index of the best row: highest exact (lowest loss breaks ties) or lowest loss."""
-    def key(i):
-        r = rows[i]
-        if metric == "exact":
-            return (-r["mean"]["exact"], r["mean"]["loss"])
-        if metric == "loss":
-            return (r["mean"]["loss"], -r["mean"]["exact"])
-        return (-r["mean"]["external"],)
-
+    """Index of the best row (``rank``); rows without a score never win."""
     scored = [i for i, r in enumerate(rows) if not math.isnan(_main(r, metric))]
     if not scored:
         raise RuntimeError("no candidate produced a score")
-    return min(scored, key=key)
+    return min(scored, key=lambda i: evaluate.rank(rows[i]["mean"], metric))
 
 
 def _main(row: Dict, metric: str) -> float:

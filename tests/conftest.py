@@ -29,6 +29,27 @@ def family(tmp_path_factory):
                        shared=0.02, noise=0.01, seed=0)
 
 
+EXAMPLE_TASKS = ("reverse", "sort", "shift", "add")
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory):
+    """The tiny example Llama, four real (short) fine-tunes, and held-out JSONL."""
+    import examples
+
+    root = tmp_path_factory.mktemp("example")
+    paths = examples.make(str(root / "models"), base_steps=60, ft_steps=40)
+    data = examples.write_data(str(root / "data"), n=24)
+    recipe = {
+        "merge_method": "awd",
+        "base_model": paths["base"],
+        "models": [{"model": paths[t]} for t in EXAMPLE_TASKS],
+        "parameters": {"lambda": 0.5, "alpha": 0.01, "steps": 200},
+        "dtype": "float32",
+    }
+    return root, paths, data, recipe
+
+
 def recipe(base, fts, weights=None, **parameters):
     models = []
     for i, path in enumerate(fts):

@@ -14,24 +14,6 @@ from conftest import mergekit_yaml
 TASKS = ("reverse", "sort", "shift", "add")
 
 
-@pytest.fixture(scope="module")
-def example(tmp_path_factory):
-    """The tiny example Llama, four real (short) fine-tunes, and held-out JSONL."""
-    import examples
-
-    root = tmp_path_factory.mktemp("tune")
-    paths = examples.make(str(root / "models"), base_steps=60, ft_steps=40)
-    data = examples.write_data(str(root / "data"), n=24)
-    recipe = {
-        "merge_method": "awd",
-        "base_model": paths["base"],
-        "models": [{"model": paths[t]} for t in TASKS],
-        "parameters": {"lambda": 0.5, "alpha": 0.01, "steps": 200},
-        "dtype": "float32",
-    }
-    return root, paths, data, recipe
-
-
 def _write(path, config):
     path.write_text(yaml.safe_dump(config))
     return str(path)

@@ -1,7 +1,7 @@
 """Real-LLM quality benchmark: SmolLM2-135M-Instruct fine-tunes merged, settings chosen by
 `mergekit-awd tune` on validation, test reported once.
 
-    python benchmarks/smollm2/run.py WORK [--seeds 0,1] [--steps 25]   # ~1 h on 2 CPU cores
+    python benchmarks/smollm2/run.py WORK [--seeds 0,1] [--steps 25]   # ~3 h on 2 CPU cores
     python benchmarks/smollm2/run.py WORK --tables                       # tables from results
 
 Regimes (four chat tasks, each with its own answer format, benchmarks/smollm2/make.py):
@@ -52,8 +52,10 @@ GENERAL_PROMPTS = [
 ]
 
 
-def general_answers(base: str, path: str) -> None:
-    """The instruct model's own greedy answers: what a merge should keep of it."""
+def general_answers(base: str, path: str, limit: int = 400) -> None:
+    """The instruct model's own greedy answers: what a merge should keep of it. Only
+    answers the model ended itself within ``limit`` tokens are kept (the score charges
+    the end token: a cut answer would charge one the model never produced)."""
     if os.path.exists(path):
         return
     import torch
@@ -66,8 +68,12 @@ def general_answers(base: str, path: str) -> None:
             msgs = [{"role": "user", "content": prompt}]
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)["input_ids"]
-            out = model.generate(ids, max_new_tokens=48, do_sample=False)
-            answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(ids, max_new_tokens=limit, do_sample=False)
+            new = out[0, ids.shape[1]:].tolist()
+            if tok.eos_token_id not in new:
+                print(f"general: no end within {limit} tokens, left out: {prompt!r}")
+                continue
+            answer = tok.decode(new, skip_special_tokens=True).strip()
             f.write(json.dumps(make.messages(prompt, answer)) + "\n")
 
 
@@ -80,15 +86,17 @@ def recipe(base: str, models, path: str) -> str:
     return path
 
 
-def tune(recipe_path: str, data: str, method: str, out: str, grid=None) -> dict:
+def tune(recipe_path: str, data: str, method: str, out: str, grid=None, extra=()) -> dict:
     """One `mergekit-awd tune` run (cached): the method's grid, val chooses, test once."""
     result = os.path.join(out, "tune.json")
     if os.path.exists(result):
         with open(result) as f:
-            return json.load(f)
+            cached = json.load(f)
+        if not cached.get("interrupted"):
+            return cached
     lam, knob, values = grid or GRIDS[method]
     args = [os.path.join(os.path.dirname(sys.executable), "mergekit-awd"), "tune", recipe_path,
-            "--methods", method, "--lambda", lam, "--out", out, "--quiet"]
+            "--methods", method, "--lambda", lam, "--out", out, "--quiet", *extra]
     if knob:
         args += [f"--{knob}", values]
     for task in make.TASKS:
@@ -111,7 +119,36 @@ def score_folder(folder: str, data: str) -> dict:
     return evaluate.score(tune_mod.load_model(folder), tasks)
 
 
-def run(work: str, seeds, steps: int, n: int, n_val: int) -> None:
+# learned coefficients (`tune --learn`), each from its method's static choice
+LEARNED = (("awd", "layer"), ("task_arithmetic", "layer"), ("awd", "model"),
+           ("task_arithmetic", "model"))
+
+
+def learned(entry: dict, path: str, data: str, folder: str, method: str, kind: str,
+            learn_args) -> dict:
+    """`tune --learn KIND` from the method's validation choice among its static runs:
+    the learned merge's test scores (scored once, whether or not tune keeps it)."""
+    import tables
+
+    start = tables.chosen(entry, method)["settings"]
+    lam = f"{start['lambda']:g}"
+    knob = ("keep-delta", f"{start['keep_delta']:g}") if method == "awd" else (None, None)
+    began = time.time()
+    t = tune(path, data, method, os.path.join(folder, f"{method}-learned-{kind}"),
+             (lam, *knob), extra=("--learn", kind, *learn_args))
+    (summary,) = t["learned"]
+    kept = t["best_learned"] is not None
+    test = t["test"] if kept else t["test_learned"][0]
+    summary = {k: v for k, v in summary.items() if k != "history"} | {
+        "held_out_path": [(h["step"], h["held_out"]) for h in summary["history"]]}
+    return {"settings": {"from": t["candidates"][0]["candidate"]}, "summary": summary,
+            "kept_by_tune": kept, "process_seconds": time.time() - began,
+            "test": {k: {"exact_each": v["exact_each"], "exact": v["exact"],
+                         "loss": v["loss"]} for k, v in test["scores"].items()}}
+
+
+def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
+        learn_args=()) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -139,8 +176,8 @@ def run(work: str, seeds, steps: int, n: int, n_val: int) -> None:
         return out
 
     # regime (a) of every seed first: it is the one the README leads with
-    order = [(seed, r) for r in ("a",) for seed in seeds] + [
-        (seed, r) for seed in seeds for r in ("b-inst", "b-stage")]
+    order = [(seed, r) for r in ("a",) if r in regimes for seed in seeds] + [
+        (seed, r) for seed in seeds for r in ("b-inst", "b-stage") if r in regimes]
     for seed, regime in order:
         merge_base = stage if regime == "b-stage" else base
         models = fine_tunes("inst" if regime == "a" else "stage", seed)
@@ -179,6 +216,20 @@ def run(work: str, seeds, steps: int, n: int, n_val: int) -> None:
                       f"{chosen['mean']['exact']:.3f} test "
                       f"{_task_mean(entry[f'{method}/{kind}']['test']):.3f} "
                       f"({time.time() - start:.0f} s)", flush=True)
+        if regime != "a":
+            continue
+        for method, kind in LEARNED:
+            name = f"{method}/learned-{kind}"
+            if name in entry:
+                continue
+            entry[name] = learned(entry, path, data, folder, method, kind, learn_args)
+            with open(results_path, "w") as f:
+                json.dump(results, f)
+            s = entry[name]["summary"]
+            print(f"{key} {name}: kept step {s['step_kept']}, held-out "
+                  f"{s['held_out']['exact']:.3f} test {_task_mean(entry[name]['test']):.3f} "
+                  f"(fit {s['seconds']:.0f} s, peak {s['peak_rss_gib']:.1f} GiB; "
+                  f"{time.time() - start:.0f} s)", flush=True)
     print(f"done in {time.time() - start:.0f} s")
 
 
@@ -206,8 +257,11 @@ def main():
     parser.add_argument("work")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--n", type=int, default=40, help="test prompts per task")
-    parser.add_argument("--n-val", type=int, default=25, help="validation prompts per task")
+    parser.add_argument("--n", type=int, default=200, help="test prompts per task")
+    parser.add_argument("--n-val", type=int, default=100, help="validation prompts per task")
+    parser.add_argument("--regimes", default="a", help="a, b-inst, b-stage (comma-separated)")
+    parser.add_argument("--learn-args", default="",
+                        help="extra `tune --learn` options, e.g. '--learn-steps 80'")
     parser.add_argument("--tables", action="store_true")
     args = parser.parse_args()
     if args.tables:
@@ -215,7 +269,8 @@ def main():
 
         tables.main(os.path.join(args.work, "results.json"))
         return
-    run(args.work, [int(s) for s in args.seeds.split(",")], args.steps, args.n, args.n_val)
+    run(args.work, [int(s) for s in args.seeds.split(",")], args.steps, args.n, args.n_val,
+        tuple(args.regimes.split(",")), tuple(args.learn_args.split()))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,67 @@ def regime_table(results, regime):
         point, low, high = bootstrap(a, b)
         lines.append(f"| {name} | {point:+.1f} | [{low:+.1f}, {high:+.1f}] |")
     lines.append("")
+    lines += learned_tables(entries, methods, own)
     return "\n".join(lines)
+
+
+def learned_tables(entries, methods, own):
+    """Rows and comparisons of the learned merges (`tune --learn`), where run."""
+    names = [f"{m}/learned-{k}" for k in ("layer", "model") for m in ("awd", "task_arithmetic")]
+    names = [n for n in names if all(n in e for e in entries)]
+    if not names:
+        return []
+    lines = ["Learned coefficients (`mergekit-awd tune --learn`, fitted on 75 of the 100 "
+             "validation prompts per task, the step kept on the other 25, test scored once):",
+             "",
+             "| learned merge | started from (per seed) | kept step (per seed) | " + " | ".join(TASKS)
+             + " | mean ± | % of the fine-tunes | general loss | fit s | peak GiB |",
+             "|---|---|---|" + "---:|" * len(TASKS) + "---:|---:|---:|---:|---:|"]
+    own_mean = sum(own) / len(own)
+    for name in names:
+        runs = [e[name] for e in entries]
+        tests = [r["test"] for r in runs]
+        per_task = [sum(100 * t[x]["exact"] for t in tests) / len(tests) for x in TASKS]
+        means = [_test_mean(t) for t in tests]
+        mean = sum(means) / len(means)
+        general = sum(t["general"]["loss"] for t in tests) / len(tests)
+        secs = sum(r["summary"]["seconds"] for r in runs) / len(runs)
+        peak = max(r["summary"]["peak_rss_gib"] for r in runs)
+        label = name.replace("/learned-", " learned per ")
+        lines.append(
+            f"| {label} | " + "; ".join(r["summary"]["from"] for r in runs) + " | "
+            + ", ".join(f"{r['summary']['step_kept']}/{r['summary']['steps']}" for r in runs)
+            + " | " + " | ".join(f"{v:.1f}" for v in per_task)
+            + f" | **{mean:.1f}** ± {(max(means) - min(means)) / 2:.1f} | "
+            f"{100 * mean / own_mean:.0f}% | {general:.3f} | {secs:.0f} | {peak:.1f} |")
+    lines.append("")
+    static = [min(methods, key=lambda m: _key(chosen(e, m))) for e in entries]
+    best_static = [[chosen(e, m)["test"][t]["exact_each"] for t in TASKS]
+                   for e, m in zip(entries, static)]
+    best_pct = sum(_test_mean(chosen(e, m)["test"]) for e, m in zip(entries, static)) / len(
+        entries)
+    lines.append(f"Best static method per seed, chosen on validation: {static} "
+                 f"(test {best_pct:.1f}, {100 * best_pct / own_mean:.0f}% of the fine-tunes' "
+                 f"{own_mean:.1f}).")
+    lines.append("")
+    lines.append("| comparison (test, points) | difference | 95% CI |")
+    lines.append("|---|---:|---|")
+
+    def each(name):
+        return [[e[name]["test"][t]["exact_each"] for t in TASKS] for e in entries]
+
+    for name in names:
+        point, low, high = bootstrap(each(name), best_static)
+        label = name.replace("/learned-", " learned per ")
+        lines.append(f"| {label} − best static | {point:+.1f} | [{low:+.1f}, {high:+.1f}] |")
+    for kind in ("layer", "model"):
+        a, b = f"awd/learned-{kind}", f"task_arithmetic/learned-{kind}"
+        if a in names and b in names:
+            point, low, high = bootstrap(each(a), each(b))
+            lines.append(f"| awd learned per {kind} − task_arithmetic learned per {kind} "
+                         f"(the paper's claim) | {point:+.1f} | [{low:+.1f}, {high:+.1f}] |")
+    lines.append("")
+    return lines
 
 
 def lambda_picture(results, regime, path):
