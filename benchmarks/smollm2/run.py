@@ -160,9 +160,9 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
     _trim_val(data, n_val)
     general_answers(base, os.path.join(data, "general.jsonl"))
     stage = os.path.join(work, "stage")
-    stage_held = set().union(*held.values())
-    make.fine_tune(base, stage, "stage", stage_held, 2 * steps, 8, 5e-5, seed=999,
-                   tasks=make.STAGE_TASKS)
+    if any(r.startswith("b") for r in regimes):
+        make.fine_tune(base, stage, "stage", set().union(*held.values()), 2 * steps, 8, 5e-5,
+                       seed=999, tasks=make.STAGE_TASKS)
     results_path = os.path.join(work, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     def fine_tunes(origin, seed):
