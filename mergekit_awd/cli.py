@@ -159,13 +159,17 @@ def _knob_options(command):
     return command
 
 
-def _knob_values(p, given: Optional[str], config) -> List[float]:
-    """The values ``--NAME`` gives, else the knob's default ones."""
+def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
+    """The values ``--NAME`` gives, else the knob's default ones: the recipe's value
+    where it sets one (None: its per-model values, kept as they are)."""
     if given is not None:
         return _floats(given)
     recipe = (config.parameters or {}).get(p.name)
     if recipe is not None and (p.tune == () or p.tune_recipe_first):
-        return [recipe]
+        return [recipe] if isinstance(recipe, (int, float)) else [None]  # a filter/gradient
+    if p.per_model and p.tune_recipe_first and any(
+            p.name in (m.parameters or {}) for m in config.models or []):
+        return [None]
     return list(p.tune) or [p.default]
 
 
@@ -312,8 +316,12 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         learn_mod.refuse_unlearnable(method_list)
     candidates = tune.grid(method_list, {p.name: _knob_values(p, knobs[p.name], config)
                                          for p in params.TUNABLE})
+    tune.check_methods(config, method_list, options)
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    remote = bool(getattr(options, "trust_remote_code", False))
+    revision = config.base_model.model.revision
+    tokenizer = AutoTokenizer.from_pretrained(base_path, revision=revision,
+                                              trust_remote_code=remote)
     # prompts alone only where entropy was asked for (elsewhere a missing completion
     # is a mistake, named as one)
     prompts_only = metric == "entropy" or (learning is not None
@@ -333,7 +341,8 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     scorer = evaluate.Scorer(metric, end_ids, max_new_tokens, batch_tokens)
     device = options.device or "cpu"
-    model = tune.load_model(base_path, device)
+    # the model that scores in-process (none where nothing is scored in-process)
+    model = None if eval_cmd else tune.load_model(base_path, device, revision, remote)
     limit = int(max_memory * 2**30) if max_memory else tune.default_max_memory()
     former = tune.Former(config, options, limit, model, in_memory=eval_cmd is None)
     if learning is not None:
@@ -356,6 +365,8 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     if learning is not None and not former.in_memory:
         raise click.ClickException(f"--learn needs the candidates formed in memory: "
                                    f"{former.reason}")
+    if not former.in_memory:  # each candidate's own folder is loaded to score it
+        model = former.model = None
     if former.collected is not None:
         say(f"tune: one Gram pass for every AWD candidate ({former.gram_seconds:.1f} s)")
 
@@ -369,34 +380,45 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                 command = eval_cmd.replace("{model}", shlex.quote(folder))
                 proc = subprocess.run(command, shell=True, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise click.ClickException(f"--eval-cmd failed (exit {proc.returncode}) on "
-                                           f"{candidate.label}: {proc.stderr.strip()[-500:]}")
+                raise RuntimeError(f"--eval-cmd failed (exit {proc.returncode}): "
+                                   f"{proc.stderr.strip()[-500:]}")
             lines = [x for x in proc.stdout.strip().splitlines() if x.strip()]
             try:
                 value = float(lines[-1].split()[-1])
             except (IndexError, ValueError):
-                raise click.ClickException(
-                    f"--eval-cmd printed no number on its last line for {candidate.label}: "
-                    f"{(lines or [''])[-1][:200]!r}")
+                raise RuntimeError(f"--eval-cmd printed no number on its last line: "
+                                   f"{(lines or [''])[-1][:200]!r}")
             return {}, {"external": value}, formed - start, time.perf_counter() - formed
-        if former.in_memory:
+        if former.in_memory and candidate.method not in tune.RANDOMIZED:
             tune.swap_in(model, former.form(candidate))
             formed = time.perf_counter()
             scores = scorer.scores(model, on_tasks)
         else:
-            with former.on_disk(candidate) as folder:
+            with former.on_disk(candidate) as folder:  # mergekit's run_merge, seeded
                 formed = time.perf_counter()
-                scores = scorer.scores(tune.load_model(folder, device), on_tasks)
+                scores = scorer.scores(tune.load_model(folder, device, None, remote),
+                                       on_tasks)
         return scores, scorer.means(scores), formed - start, time.perf_counter() - formed
 
     rows = []
     interrupted = False
     try:
         for i, candidate in enumerate(candidates, 1):
-            scores, means, form_s, score_s = run_candidate(candidate, tasks)
-            rows.append({"candidate": candidate.label, "method": candidate.method,
-                         "settings": candidate.overrides(), "scores": scores,
-                         "mean": means, "form_seconds": form_s, "score_seconds": score_s})
+            row = {"candidate": candidate.label, "method": candidate.method,
+                   "settings": candidate.overrides()}
+            try:
+                scores, means, form_s, score_s = run_candidate(candidate, tasks)
+            except Exception as error:  # one candidate's failure: a row, and go on
+                row.update(scores={}, mean={}, error=_one_line(error))
+                rows.append(row)
+                say(f"[{i}/{len(candidates)}] {candidate.label}: failed: {row['error']}")
+                if len(rows) >= 2 and all(r.get("error") == row["error"] for r in rows):
+                    raise click.ClickException(
+                        f"tune: the first {len(rows)} candidates all failed the same way, "
+                        f"so the rest would too: {row['error']}")
+                continue
+            row.update(scores=scores, mean=means, form_seconds=form_s, score_seconds=score_s)
+            rows.append(row)
             say(f"[{i}/{len(candidates)}] {candidate.label}: "
                 + " ".join(f"{k} {v:.4g}" for k, v in means.items())
                 + f"  (formed {form_s:.2f} s, scored {score_s:.2f} s)")
@@ -404,16 +426,21 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         interrupted = True
         say(f"tune: interrupted after {len(rows)} of {len(candidates)} candidates; "
             f"writing the table so far")
-    if not rows:
-        raise click.ClickException("tune: no candidate was scored")
-    best = tune.choose(rows, metric_name)
+    if not any("error" not in r for r in rows):
+        raise click.ClickException(
+            "tune: no candidate was scored" + (f" ({rows[0]['error']})" if rows else ""))
+    try:
+        best = tune.choose(rows, metric_name)
+    except RuntimeError:
+        raise click.ClickException("tune: no candidate has a score that is a number "
+                                   "(every one is NaN or failed)")
     best_candidate = candidates[best]
     best_cfg = tune.candidate_config(config, best_candidate)
     result = {
         "recipe": config.to_yaml(), "metric": metric_name, "form": (
             "in memory" if former.in_memory else "on disk"),
         "gram_seconds": former.gram_seconds, "candidates": rows, "best": best,
-        "interrupted": interrupted,
+        "interrupted": interrupted, "random_seed": tune.seed_of(options),
     }
     chosen_label, chosen_tensors = best_candidate.label, None
     learned = []
@@ -446,7 +473,7 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                 result.setdefault("test_learned", []).append(
                     {"candidate": label, "scores": scores, "mean": means})
     with open(os.path.join(out_dir, "best.yml"), "w", encoding="utf-8") as f:
-        f.write(best_cfg.to_yaml())
+        f.write(tune.recipe_text(best_cfg, best_cfg.merge_method, options))
     for entry in learned:
         entry.write(out_dir)
     if learned:
@@ -541,14 +568,23 @@ def _learned_winner(learned, rows, best, scorer, say) -> Optional[int]:
     return i if better else None
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
 def _tune_table(rows, best: int, metric: str) -> str:
-    tasks = list(rows[0]["scores"])
+    scored = rows[best]
+    tasks = list(scored["scores"])
     width = max(len(r["candidate"]) for r in rows) + 2
     head = f"  {'candidate':{width}s}" + "".join(f"{t[:10]:>11s}" for t in tasks)
-    head += "".join(f"{m:>11s}" for m in rows[0]["mean"])
+    head += "".join(f"{m:>11s}" for m in scored["mean"])
     lines = [head]
     for i, r in enumerate(rows):
         mark = "* " if i == best else "  "
+        if "error" in r:
+            lines.append(f"{mark}{r['candidate']:{width}s}  failed: {r['error']}")
+            continue
         cells = "".join(f"{r['scores'][t][metric]:11.4f}" for t in tasks)  # none: external
         cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
         lines.append(f"{mark}{r['candidate']:{width}s}{cells}")
@@ -563,6 +599,8 @@ def _tune_picture(rows, metric: str, path: str) -> None:
     """Best score per lambda, one line per method (maximised over the other knobs)."""
     series: Dict[str, Dict[float, float]] = {}
     for r in rows:
+        if "error" in r or "lambda" not in r["settings"]:  # failed, or no lambda
+            continue
         value = r["mean"][metric]
         if metric in ("loss", "entropy"):
             value = -value

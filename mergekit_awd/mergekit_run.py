@@ -164,6 +164,17 @@ def run_merge_call(universe=None) -> Optional[RunMergeCall]:
         del stacks, top, frame
 
 
+def out_config(config, options):
+    """The config ``mergekit-yaml`` writes for the recipe (its layer count after
+    ``slices:``, its dtype)."""
+    from mergekit import merge
+    from mergekit.architecture import get_architecture_info
+
+    check()
+    return merge._model_out_config(config, get_architecture_info(config, options),
+                                   options.trust_remote_code)
+
+
 def plan_tensor_tasks(config, options) -> list:
     """The recipe's per-tensor tasks, planned by mergekit's own planner as
     ``mergekit-yaml`` plans them (nothing is read or written)."""

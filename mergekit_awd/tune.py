@@ -38,6 +38,9 @@ import torch
 from mergekit_awd import context, evaluate, mergekit_run, params, scope
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.scope import AWD_METHODS
+# methods that draw random masks: formed by mergekit's own run_merge with the seed, so
+# that `mergekit-yaml best.yml OUT --random-seed SEED` writes the model tune scored
+RANDOMIZED = ("dare_ties", "dare_linear", "della", "della_linear", "awd_dare_ties")
 # mergekit methods whose `density` is their sparsification knob
 SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "awd_ties", "awd_dare_ties")
@@ -52,12 +55,14 @@ class Candidate:
     values: tuple = ()
 
     def overrides(self) -> Dict[str, float]:
-        """The recipe parameters this candidate sets (under their recipe names)."""
-        return dict(self.values)
+        """The recipe parameters this candidate sets (under their recipe names; a value
+        None keeps the recipe's own, per-model ones included)."""
+        return {k: v for k, v in self.values if v is not None}
 
     @property
     def label(self) -> str:
-        return f"{self.method} " + " ".join(f"{k}={v:g}" for k, v in self.values)
+        return f"{self.method} " + " ".join(
+            f"{k}={v:g}" if v is not None else f"{k}=recipe's" for k, v in self.values)
 
     @property
     def is_awd(self) -> bool:
@@ -90,8 +95,8 @@ def grid(methods: Sequence[str], values: Dict[str, Sequence[float]]) -> List[Can
     to try), each value validated as the recipe's are."""
     out = []
     for method in methods:
-        axes = [[(p.name, params.validate(p.name, float(v))) for v in values[p.name]]
-                for p in knobs_of(method)]
+        axes = [[(p.name, None if v is None else params.validate(p.name, float(v)))
+                 for v in values[p.name]] for p in knobs_of(method)]
         out += [Candidate(method, combo) for combo in itertools.product(*axes)]
     return out
 
@@ -167,14 +172,39 @@ def _key(gather) -> tuple:
 
 
 def input_bytes(config) -> int:
-    """Bytes of the weight files of every input model (what reading them all holds)."""
+    """Bytes every input model's weights take once read: the sizes of their files,
+    scaled to the recipe's ``dtype:`` where it sets one (mergekit casts as it reads)."""
+    from mergekit.common import dtype_from_name
     from mergekit.io.tasks import LoaderCache
 
-    total = 0
+    wanted = dtype_from_name(config.dtype).itemsize if config.dtype else None
+    total = 0.0
     for model in config.referenced_models():
-        files = set(LoaderCache().get(model).index.tensor_paths.values())
-        total += sum(os.path.getsize(f) for f in files if os.path.exists(f))
-    return total
+        index = LoaderCache().get(model).index
+        for name in set(index.tensor_paths.values()):
+            path = os.path.join(index.base_path, name)
+            if not os.path.exists(path):
+                continue
+            stored = _stored_itemsize(path) if wanted else None
+            total += os.path.getsize(path) * (wanted / stored if stored else 1.0)
+    return int(total)
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _stored_itemsize(path: str) -> Optional[int]:
+    """The item size of a safetensors file's first floating tensor (None: unknown)."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        for name in f.keys():
+            size = _ITEMSIZE.get(f.get_slice(name).get_dtype())
+            if size:
+                return size
+    return None
 
 
 def default_max_memory() -> int:
@@ -217,13 +247,19 @@ class Former:
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         """Read the inputs (in memory) and make the one Gram pass AWD candidates share."""
-        first = candidates[0]
-        tasks = mergekit_run.plan_tensor_tasks(candidate_config(self.config, first), self.options)
+        first_cfg = candidate_config(self.config, candidates[0])
+        tasks = mergekit_run.plan_tensor_tasks(first_cfg, self.options)
         if self.in_memory:
             names = set(self.model.state_dict())
             missing = [t.output_weight.name for t in tasks
                        if t.output_weight.name not in names]
-            if missing:
+            other = _config_differences(self.model.config,
+                                        mergekit_run.out_config(first_cfg, self.options))
+            if other:
+                self.in_memory = False
+                self.reason = (f"mergekit writes a model whose config differs from "
+                               f"base_model's ({other}: a slices recipe?)")
+            elif missing:
                 self.in_memory = False
                 self.reason = (f"mergekit writes tensors the model does not have "
                                f"({missing[0]}, ...)")
@@ -302,6 +338,16 @@ class Former:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _config_differences(loaded, written) -> str:
+    """The config keys (dtype aside) on which the written model differs from the
+    loaded base model, or ''."""
+    ignore = {"torch_dtype", "dtype", "transformers_version", "_name_or_path",
+              "architectures"}
+    a, b = loaded.to_dict(), written.to_dict()
+    keys = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+    return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:3])
+
+
 def _is_method_task(task) -> bool:
     from mergekit.io.tasks import GatherTensors
 
@@ -313,12 +359,28 @@ def _global_scope(tasks) -> bool:
                if t.method_name in AWD_METHODS)
 
 
+def seed_of(options) -> int:
+    """The seed randomized methods draw their masks with (--random-seed, else 0)."""
+    return options.random_seed if options.random_seed is not None else 0
+
+
 @contextlib.contextmanager
 def _seeded(options):
-    """Randomized methods (DARE) draw the same masks for every candidate."""
+    """Randomized methods (DARE) draw the same masks for every candidate, as
+    ``mergekit-yaml --random-seed`` draws them (torch's generator, seeded once)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.random_seed if options.random_seed is not None else 0)
+        torch.manual_seed(seed_of(options))
         yield
+
+
+def recipe_text(cfg, method: str, options) -> str:
+    """``cfg`` as YAML; a randomized method's says which seed reproduces it."""
+    text = cfg.to_yaml()
+    if method in RANDOMIZED:
+        seed = seed_of(options)
+        text = (f"# {method} draws random masks: mergekit-yaml THIS_FILE OUT --random-seed "
+                f"{seed}\n# writes the model mergekit-awd tune scored\n" + text)
+    return text
 
 
 @contextlib.contextmanager
@@ -333,10 +395,14 @@ def _quiet_kernel():
         logger.setLevel(level)
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", revision: Optional[str] = None,
+               trust_remote_code: bool = False):
+    """The model that scores, in float32 (the merge's revision and remote-code
+    setting: a hub model is read as mergekit reads it)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, revision=revision,
+                                                 trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -349,12 +415,26 @@ def swap_in(model, tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def choose(rows: Sequence[Dict], metric: str) -> int:
-    """Index of the best row (``rank``); rows without a score never win."""
-    scored = [i for i, r in enumerate(rows) if not math.isnan(_main(r, metric))]
+    """Index of the best row (``evaluate.rank``). A row that failed, or has a NaN
+    among its scores, never wins."""
+    scored = [i for i, r in enumerate(rows) if "error" not in r and r["mean"]
+              and metric in r["mean"] and not any(math.isnan(v) for v in r["mean"].values())]
     if not scored:
         raise RuntimeError("no candidate produced a score")
     return min(scored, key=lambda i: evaluate.rank(rows[i]["mean"], metric))
 
 
-def _main(row: Dict, metric: str) -> float:
-    return row["mean"].get(metric, math.nan)
+def check_methods(config, methods: Sequence[str], options) -> None:
+    """Each method planned once on the recipe, before anything is read: one line for
+    a method that cannot merge it (mergekit's own reason)."""
+    for method in methods:
+        try:
+            mergekit_run.plan_tensor_tasks(candidate_config(config, Candidate(method)),
+                                           options)
+        except AWDParameterError:
+            raise
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise AWDParameterError(
+                f"--methods: {method} cannot merge this recipe "
+                f"({type(error).__name__}: {reason[:300]}); leave it out of --methods")
