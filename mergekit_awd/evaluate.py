@@ -2,8 +2,20 @@
 
 Data: JSON Lines, one example a line, either ``{"prompt": ..., "completion": ...}``
 or a chat ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last turn
-is the assistant's answer (the model's chat template is applied to the turns
-before it, with the generation prompt). One file is one task.
+is the assistant's answer. One file is one task. The answer is what the model must
+generate:
+
+- chat: the model's chat template renders the turns before the answer with the
+  generation prompt (the prompt), and the whole conversation; the answer is the
+  tokens that follow the prompt in the whole rendering, up to and including the
+  template's own end of turn (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``,
+  Gemma's ``<end_of_turn>``: the first special token after the prompt);
+- prompt/completion: prompt + completion tokenized together and split at the
+  prompt's length (a SentencePiece ``" Paris"`` after a prompt is ``"▁Paris"``,
+  alone it is ``"▁", "▁Paris"``), then the tokenizer's end-of-sequence token.
+  Where the prompt's own tokens change when the completion follows (a prompt
+  ending in a space), that completion is tokenized alone and a warning says how
+  many examples of the file did so.
 
 Scores, per task, from one teacher-forced forward pass per batch:
 
@@ -25,12 +37,16 @@ Scores, per task, from one teacher-forced forward pass per batch:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+
+LOG = logging.getLogger(__name__)
 
 
 class AWDDataError(Exception):
@@ -73,11 +89,18 @@ def load_tasks(specs: Sequence[str], tokenizer, model_name: str,
                                f"name them with name=path")
         names.add(name)
         task = Task(name, path)
+        alone = 0
         with open(path, "r", encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    task.examples.append(_example(line, f"{path}:{number}", tokenizer,
-                                                  model_name, need_answers))
+                    prompt, answer, apart = _example(line, f"{path}:{number}", tokenizer,
+                                                     model_name, need_answers)
+                    task.examples.append((prompt, answer))
+                    alone += apart
+        if alone:
+            LOG.warning("%s: in %d of %d examples the prompt's tokens change when the "
+                        "completion follows it (a prompt ending in a space?): their "
+                        "completion was tokenized alone", path, alone, len(task.examples))
         if not task.examples:
             raise AWDDataError(f"{path}: no examples (the file is empty); each line "
                                f"needs a JSON object with 'prompt' and 'completion', "
@@ -87,6 +110,8 @@ def load_tasks(specs: Sequence[str], tokenizer, model_name: str,
 
 
 def _example(line: str, where: str, tokenizer, model_name: str, need_answers: bool = True):
+    """(prompt ids, answer ids or None, whether the completion had to be tokenized
+    alone) of one line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -95,9 +120,9 @@ def _example(line: str, where: str, tokenizer, model_name: str, need_answers: bo
         raise AWDDataError(f"{where}: expected a JSON object with 'prompt' and "
                            f"'completion', or 'messages'; got {type(record).__name__}")
     if "messages" in record:
-        prompt, completion = _chat(record["messages"], where, tokenizer, model_name,
+        prompt_ids, answer = _chat(record["messages"], where, tokenizer, model_name,
                                    need_answers)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        alone = False
     else:
         for key in ("prompt", "completion"):
             if key == "completion" and key not in record and not need_answers:
@@ -109,42 +134,83 @@ def _example(line: str, where: str, tokenizer, model_name: str, need_answers: bo
                                    f"alone: --metric entropy)")
             if not isinstance(record[key], str) and record[key] is not None:
                 raise AWDDataError(f"{where}: field '{key}' must be a string")
-        prompt, completion = record["prompt"], record["completion"]
-        prompt_ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own BOS convention
+        prompt_ids, answer, alone = _plain(record["prompt"], record["completion"], tokenizer)
+    if not prompt_ids:
+        raise AWDDataError(f"{where}: the prompt tokenizes to nothing")
+    if answer is not None and not answer:
+        raise AWDDataError(f"{where}: the completion tokenizes to nothing")
+    return list(prompt_ids), (None if answer is None else list(answer)), alone
+
+
+def _with_end(ids: List[int], tokenizer) -> List[int]:
+    end = tokenizer.eos_token_id
+    return ids + [end] if end is not None else ids
+
+
+def _plain(prompt: str, completion: Optional[str], tokenizer):
+    """Prompt ids as the tokenizer makes them by default (its BOS convention), and the
+    completion's ids as they follow the prompt: prompt + completion tokenized
+    together and split at the prompt's length (a SentencePiece " Paris" alone is
+    "▁", "▁Paris"; after a prompt it is "▁Paris"), then the end-of-sequence token.
+    Where the prompt's own tokens change when the completion follows it (its last
+    tokens merge with the completion's first, e.g. a prompt ending in a space), the
+    completion is tokenized alone, and the third value says so."""
+    with_special = list(tokenizer(prompt)["input_ids"])
     if completion is None:
-        if not prompt_ids:
-            raise AWDDataError(f"{where}: the prompt tokenizes to nothing")
-        return list(prompt_ids), None
-    answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer = answer + [tokenizer.eos_token_id]
-    if not prompt_ids or not answer:
-        raise AWDDataError(f"{where}: the prompt or the completion tokenizes to nothing")
-    return list(prompt_ids), list(answer)
+        return with_special, None, False
+    plain = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    joint = list(tokenizer(prompt + completion, add_special_tokens=False)["input_ids"])
+    head = next((i for i in range(len(with_special) - len(plain) + 1)
+                 if with_special[i:i + len(plain)] == plain), None)
+    if head is not None and joint[:len(plain)] == plain and len(joint) > len(plain):
+        return with_special[:head] + plain, _with_end(joint[len(plain):], tokenizer), False
+    alone = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return with_special, _with_end(list(alone), tokenizer), True
 
 
-def _chat(messages, where: str, tokenizer, model_name: str,
-          need_answers: bool = True) -> Tuple[str, Optional[str]]:
+def _special_ids(tokenizer) -> set:
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(i)
+    return ids
+
+
+def _chat(messages, where: str, tokenizer, model_name: str, need_answers: bool = True):
+    """(prompt ids, answer ids or None) of a conversation. The prompt is the turns
+    before the last rendered with the generation prompt; the answer is what the
+    model must generate: the tokens that follow that prompt when the whole
+    conversation is rendered, up to and including the template's own end of turn
+    (its first special token after the prompt; without one, the rendering then the
+    end-of-sequence token)."""
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                        and isinstance(m.get("role"), str) for m in messages)):
         raise AWDDataError(f"{where}: 'messages' must be a non-empty list of "
                            f"{{'role': ..., 'content': ...}} objects")
-    if messages[-1]["role"] != "assistant" and not need_answers:
-        if not getattr(tokenizer, "chat_template", None):
-            raise AWDDataError(f"{where}: 'messages' needs a chat template, and the "
-                               f"tokenizer of {model_name} has none; write 'prompt' lines")
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True), None
-    if messages[-1]["role"] != "assistant":
+    last = messages[-1]["role"]
+    if last != "assistant" and need_answers:
         raise AWDDataError(f"{where}: the last message must be the assistant's answer "
-                           f"(role 'assistant'); got role {messages[-1]['role']!r}")
+                           f"(role 'assistant'); got role {last!r}")
     if not getattr(tokenizer, "chat_template", None):
         raise AWDDataError(f"{where}: 'messages' needs a chat template, and the tokenizer "
                            f"of {model_name} has none; write 'prompt'/'completion' lines")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                           add_generation_prompt=True)
-    return prompt, messages[-1]["content"]
+    turns = messages if last != "assistant" else messages[:-1]
+    prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if last != "assistant":
+        return prompt_ids, None
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full_ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    if not full.startswith(prompt) or full_ids[:len(prompt_ids)] != prompt_ids:
+        raise AWDDataError(
+            f"{where}: the chat template of {model_name} renders the conversation so that "
+            f"it does not begin with the rendered prompt (the generation prompt differs "
+            f"from an answered turn); write 'prompt'/'completion' lines")
+    rest = full_ids[len(prompt_ids):]
+    specials = _special_ids(tokenizer)
+    end = next((i for i, t in enumerate(rest) if t in specials), None)
+    return prompt_ids, rest[:end + 1] if end is not None else _with_end(rest, tokenizer)
 
 
 def rows_of(examples: Sequence[Tuple[List[int], List[int]]], device):
