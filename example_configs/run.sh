@@ -3,6 +3,10 @@
 # on CPU), merge them with awd through plain mergekit-yaml, score the result, then
 # let `mergekit-awd tune` choose the settings on held-out data.
 set -euo pipefail
+# The same numbers on every x86-64 CPU (set before torch starts): MKL's
+# reproducible mode and torch's portable kernels, so that training and scoring sum
+# in one order whatever the CPU's vendor and vector width.
+export MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
 . "$(dirname "$0")/../.ci/venv.sh"
 python example_configs/examples.py make example_models/tiny-llama > /dev/null
 python example_configs/examples.py data example_models/data > /dev/null
