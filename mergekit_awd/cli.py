@@ -241,8 +241,8 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
     config, _ = _load(config_file)
     learning = None
     if learn:
-        learning = Learning(learn, objective, holdout, learn_steps, learn_lr, learn_batch,
-                            eval_every)
+        learning = learn_mod.Learning(learn, objective, holdout, learn_steps, learn_lr,
+                                      learn_batch, eval_every)
     try:
         _tune(config, merge_options, data=data, test=test, methods=methods,
               knobs={p.name: knobs[p.name] for p in params.TUNABLE}, metric=metric,
@@ -250,29 +250,6 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
               batch_tokens=batch_tokens, learning=learning, max_new_tokens=max_new_tokens)
     except (evaluate.AWDDataError, AWDParameterError) as error:
         raise click.ClickException(str(error))
-
-
-@dataclasses.dataclass
-class Learning:
-    """What --learn was asked for."""
-
-    kind: str
-    objective: Optional[str]
-    holdout: float
-    steps: int
-    lr: float
-    batch: int
-    eval_every: int
-
-    def check(self) -> None:
-        for name, value, ok, allowed in (
-                ("--holdout", self.holdout, 0 < self.holdout < 1, "in (0, 1)"),
-                ("--learn-steps", self.steps, self.steps >= 0, ">= 0"),
-                ("--learn-lr", self.lr, self.lr > 0, "> 0"),
-                ("--learn-batch", self.batch, self.batch >= 1, ">= 1"),
-                ("--eval-every", self.eval_every, self.eval_every >= 1, ">= 1")):
-            if not ok:
-                raise click.BadParameter(f"must be {allowed}; got {value}", param_hint=name)
 
 
 def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_dir,
@@ -445,11 +422,11 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     chosen_label, chosen_tensors = best_candidate.label, None
     learned = []
     if learning is not None and not interrupted:
-        learned, interrupted = _learn_all(former, model, scorer, learning, tasks, rows,
-                                          candidates, options, say)
+        learned, interrupted = learn_mod.learn_all(former, model, scorer, learning, tasks,
+                                                   rows, candidates, options, say)
         result["learned"] = [entry.summary for entry in learned]
         result["interrupted"] = interrupted
-        winner = _learned_winner(learned, rows, best, scorer, say)
+        winner = learn_mod.winner(learned, rows, best, scorer, say)
         result["best_learned"] = winner
         if winner is not None:
             entry = learned[winner]
@@ -501,71 +478,6 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         click.echo(f"merged: {merge_to}")
     if interrupted:
         sys.exit(130)
-
-
-def _learn_all(former, model, scorer, learning, tasks, rows, candidates, options, say):
-    """Learn each method's coefficients from its best static candidate."""
-    fit_tasks, held_tasks, held_index = evaluate.split(tasks, learning.holdout,
-                                                       options.random_seed or 0)
-    say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
-        f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
-        f"({learning.holdout:g} of each task); objective {learning.objective}")
-    learned, interrupted = [], False
-    for method in dict.fromkeys(c.method for c in candidates):
-        mine = [i for i, r in enumerate(rows) if r["method"] == method]
-        if not mine:
-            continue
-        static = candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
-        entry = learn_mod.learn(former, model, static, learning, fit_tasks, held_tasks,
-                                scorer, options,
-                                say=lambda text, m=method: say(f"learn {m}: {text}"))
-        entry.summary["static_held_out"] = evaluate.part_means(
-            rows[candidates.index(static)]["scores"], held_index, scorer.names)
-        entry.held_index = held_index
-        learned.append(entry)
-        interrupted |= entry.fit.interrupted
-        if interrupted:
-            break
-    return learned, interrupted
-
-
-def _beats(a: tuple, b: tuple) -> bool:
-    """``a`` ranks before ``b`` by more than float noise (the same merge formed two
-    ways can differ in a loss's last digits)."""
-    for x, y in zip(a, b):
-        if abs(x - y) > 1e-7 * max(1.0, abs(x), abs(y)):
-            return x < y
-    return False
-
-
-def _learned_winner(learned, rows, best, scorer, say) -> Optional[int]:
-    """The learned merge that beats the best static candidate on the held-out part
-    (its index), or None: the static one stays best.yml."""
-    if not learned:
-        return None
-    i = min(range(len(learned)), key=lambda j: scorer.rank(learned[j].summary["held_out"]))
-    entry = learned[i]
-    static = evaluate.part_means(rows[best]["scores"], entry.held_index, scorer.names)
-    metric = scorer.metric
-    each = f"{metric}_each"
-    diff = evaluate.paired_interval(
-        {t: s[each] for t, s in entry.held_scores.items()},
-        {t: [rows[best]["scores"][t][each][i] for i in chosen]
-         for t, chosen in entry.held_index.items()})
-    entry.summary["best_static"] = rows[best]["candidate"]
-    entry.summary["best_static_held_out"] = static
-    entry.summary["minus_best_static"] = {"metric": metric, "difference": diff[0],
-                                          "ci95": [diff[1], diff[2]]}
-    better = entry.fit.step > 0 and _beats(scorer.rank(entry.summary["held_out"]),
-                                           scorer.rank(static))
-    say(f"tune --learn: held-out {metric} of {entry.label} "
-        f"{entry.summary['held_out'][metric]:.4f} vs {static[metric]:.4f} for the best "
-        f"static candidate ({rows[best]['candidate']}): difference {diff[0]:+.4f}, 95% CI "
-        f"[{diff[1]:+.4f}, {diff[2]:+.4f}]; "
-        + ("the learned merge is best.yml" if better else
-           "the learned merge does not beat it, so best.yml stays the static one "
-           "(the learned recipe is learned.yml)"))
-    return i if better else None
 
 
 def _one_line(error: BaseException) -> str:

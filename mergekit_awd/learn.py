@@ -545,6 +545,97 @@ def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, option
                    result, summary, held_scores)
 
 
+# -- what tune asks for ------------------------------------------------------------------
+
+
+@dataclass
+class Learning:
+    """What --learn was asked for."""
+
+    kind: str
+    objective: Optional[str]
+    holdout: float
+    steps: int
+    lr: float
+    batch: int
+    eval_every: int
+
+    def check(self) -> None:
+        for name, value, ok, allowed in (
+                ("--holdout", self.holdout, 0 < self.holdout < 1, "in (0, 1)"),
+                ("--learn-steps", self.steps, self.steps >= 0, ">= 0"),
+                ("--learn-lr", self.lr, self.lr > 0, "> 0"),
+                ("--learn-batch", self.batch, self.batch >= 1, ">= 1"),
+                ("--eval-every", self.eval_every, self.eval_every >= 1, ">= 1")):
+            if not ok:
+                raise AWDParameterError(f"{name} must be {allowed}; got {value}")
+
+
+def learn_all(former, model, scorer, learning, tasks, rows, candidates, options, say):
+    """Learn each method's coefficients from its best static candidate."""
+    fit_tasks, held_tasks, held_index = evaluate.split(tasks, learning.holdout,
+                                                       options.random_seed or 0)
+    say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
+        f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
+        f"({learning.holdout:g} of each task); objective {learning.objective}")
+    learned, interrupted = [], False
+    for method in dict.fromkeys(c.method for c in candidates):
+        mine = [i for i, r in enumerate(rows) if r["method"] == method]
+        if not mine:
+            continue
+        static = candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
+        entry = learn(former, model, static, learning, fit_tasks, held_tasks,
+                      scorer, options,
+                                say=lambda text, m=method: say(f"learn {m}: {text}"))
+        entry.summary["static_held_out"] = evaluate.part_means(
+            rows[candidates.index(static)]["scores"], held_index, scorer.names)
+        entry.held_index = held_index
+        learned.append(entry)
+        interrupted |= entry.fit.interrupted
+        if interrupted:
+            break
+    return learned, interrupted
+
+
+def beats(a: tuple, b: tuple) -> bool:
+    """``a`` ranks before ``b`` by more than float noise (the same merge formed two
+    ways can differ in a loss's last digits)."""
+    for x, y in zip(a, b):
+        if abs(x - y) > 1e-7 * max(1.0, abs(x), abs(y)):
+            return x < y
+    return False
+
+
+def winner(learned, rows, best, scorer, say) -> Optional[int]:
+    """The learned merge that beats the best static candidate on the held-out part
+    (its index), or None: the static one stays best.yml."""
+    if not learned:
+        return None
+    i = min(range(len(learned)), key=lambda j: scorer.rank(learned[j].summary["held_out"]))
+    entry = learned[i]
+    static = evaluate.part_means(rows[best]["scores"], entry.held_index, scorer.names)
+    metric = scorer.metric
+    each = f"{metric}_each"
+    diff = evaluate.paired_interval(
+        {t: s[each] for t, s in entry.held_scores.items()},
+        {t: [rows[best]["scores"][t][each][i] for i in chosen]
+         for t, chosen in entry.held_index.items()})
+    entry.summary["best_static"] = rows[best]["candidate"]
+    entry.summary["best_static_held_out"] = static
+    entry.summary["minus_best_static"] = {"metric": metric, "difference": diff[0],
+                                          "ci95": [diff[1], diff[2]]}
+    better = entry.fit.step > 0 and beats(scorer.rank(entry.summary["held_out"]),
+                                           scorer.rank(static))
+    say(f"tune --learn: held-out {metric} of {entry.label} "
+        f"{entry.summary['held_out'][metric]:.4f} vs {static[metric]:.4f} for the best "
+        f"static candidate ({rows[best]['candidate']}): difference {diff[0]:+.4f}, 95% CI "
+        f"[{diff[1]:+.4f}, {diff[2]:+.4f}]; "
+        + ("the learned merge is best.yml" if better else
+           "the learned merge does not beat it, so best.yml stays the static one "
+           "(the learned recipe is learned.yml)"))
+    return i if better else None
+
+
 # -- the recipe and the picture -------------------------------------------------------
 
 

@@ -29,6 +29,10 @@ REGIMES = {
 }
 TASKS = tuple(make.TASKS)
 METHODS = ("task_arithmetic", "ties", "awd")
+# what the intervals resample: the test prompts of each task, and the seeds (a
+# resample of 1 or 2 seeds carries little of the fine-tunes' training randomness)
+CI_HEAD = ("| comparison (test, points) | difference | 95% CI (bootstrap over test prompts "
+           "and the {seeds} seed(s), paired) |")
 
 
 def _test_mean(test):
@@ -145,7 +149,7 @@ def regime_table(results, regime):
     lines.append(f"Chosen on validation per seed: best awd-family {best_awd}, best built-in "
                  f"{best_builtin}.")
     lines.append("")
-    lines.append("| comparison (test, points) | difference | 95% CI |")
+    lines.append(CI_HEAD.format(seeds=len(entries)))
     lines.append("|---|---:|---|")
     for name, a, b in comparisons:
         point, low, high = bootstrap(a, b)
@@ -194,7 +198,7 @@ def learned_tables(entries, methods, own):
                  f"(test {best_pct:.1f}, {100 * best_pct / own_mean:.0f}% of the fine-tunes' "
                  f"{own_mean:.1f}).")
     lines.append("")
-    lines.append("| comparison (test, points) | difference | 95% CI |")
+    lines.append(CI_HEAD.format(seeds=len(entries)))
     lines.append("|---|---:|---|")
 
     def each(name):

@@ -1,0 +1,25 @@
+"""The README quotes only what a fresh clone printed: its quick-start blocks are lines
+of the committed log of `bash example_configs/run.sh` (docs/quickstart.log)."""
+
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _blocks(text: str, start: str, end: str):
+    part = text[text.index(start):text.index(end)]
+    return re.findall(r"```\n(.*?)```", part, flags=re.S)
+
+
+def test_quick_start_output_is_the_committed_log():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    log = open(os.path.join(ROOT, "docs", "quickstart.log"), encoding="utf-8").read()
+    logged = {line.rstrip() for line in log.splitlines()}
+    quoted = _blocks(readme, "## Quick start", "## When to use it")[1:]  # after the commands
+    quoted += _blocks(readme, "On the example models (`example_configs/run.sh`", "## Learning")
+    lines = [line.rstrip() for block in quoted for line in block.splitlines()]
+    lines = [x for x in lines if x and x != "..."]
+    assert len(lines) > 10
+    missing = [x for x in lines if x not in logged]
+    assert not missing, missing
