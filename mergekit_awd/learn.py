@@ -523,11 +523,13 @@ def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, option
                  lr=learning.lr, batch=learning.batch, eval_every=learning.eval_every,
                  end_ids=scorer.end_ids, max_new_tokens=scorer.max_new_tokens,
                  seed=options.random_seed or 0, say=say)
-    # the recipe holds 6 significant digits: the model scored is the recipe's
+    # the recipe (6 significant digits), formed as mergekit-yaml forms it: what is
+    # scored from here on (the basis served the fit; in a recipe computed in 16 bits
+    # mergekit's own arithmetic differs from it in the last bits)
     gamma = np.array([[float(f"{v:.6g}") for v in row] for row in result.gamma.tolist()])
     config = setup.config(gamma)
-    tensors = setup.tensors(gamma)
     del basis, setup.basis
+    tensors = former.form(static, config)
     tune.swap_in(model, tensors)
     held_scores = scorer.scores(model, held_tasks)
     summary = {

@@ -312,9 +312,10 @@ class Former:
             self.runs[key].global_solution(known.settings, known.models)
         return self.runs[key]
 
-    def form(self, candidate: Candidate) -> Dict[str, torch.Tensor]:
-        """The candidate's merged tensors, formed from the inputs read once."""
-        cfg = candidate_config(self.config, candidate)
+    def form(self, candidate: Candidate, cfg=None) -> Dict[str, torch.Tensor]:
+        """The candidate's merged tensors, formed from the inputs read once (``cfg``:
+        another recipe with the candidate's solver settings, e.g. a learned one)."""
+        cfg = cfg or candidate_config(self.config, candidate)
         tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
         with self.run_for(candidate).active(), _seeded(self.options), _quiet_kernel():
             return self.read_inputs().form(tasks, cfg.out_dtype)
