@@ -33,6 +33,7 @@ layer, whose first match is that layer's tensors and nothing else (``layer``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -201,9 +202,7 @@ def build_basis(inputs, tasks, run, method: str, out_dtype: Optional[str],
     method (tune's ``Inputs``), consumed tensor by tensor."""
     from mergekit.common import dtype_from_name
 
-    from mergekit_awd.tune import _key
-
-    import contextlib
+    from mergekit_awd.tune import gather_key
 
     maps = {}
     active = run.active if run is not None else contextlib.nullcontext
@@ -215,7 +214,7 @@ def build_basis(inputs, tasks, run, method: str, out_dtype: Optional[str],
     basis = None
     for task in tasks:
         name = task.output_weight.name
-        value = inputs.values.pop(_key(task.gather_tensors), None)
+        value = inputs.values.pop(gather_key(task.gather_tensors), None)
         if value is None:
             raise RuntimeError(f"learn: tensor {name} reads inputs already used")
         base = value.get(task.base_model)

@@ -135,14 +135,14 @@ class Inputs:
     def __init__(self, tasks, options):
         from mergekit.graph import Executor
 
-        gathers = list({_key(t.gather_tensors): t.gather_tensors for t in tasks}.values())
+        gathers = list({gather_key(t.gather_tensors): t.gather_tensors for t in tasks}.values())
         executor = Executor(gathers, math_device="cpu", storage_device="cpu")
-        self.values = {_key(task): value for task, value in
+        self.values = {gather_key(task): value for task, value in
                        executor.run(quiet=options.quiet, desc="tune: reading inputs")}
 
     def execute(self, tasks) -> Iterable:
         for task in tasks:
-            value = self.values.get(_key(task.gather_tensors))
+            value = self.values.get(gather_key(task.gather_tensors))
             if value is None:
                 raise RuntimeError(f"tune: tensor {task.output_weight.name} of a candidate "
                                    f"reads inputs the first pass did not read")
@@ -166,7 +166,7 @@ class Inputs:
         return scope.collect(context.RunContext(), lambda: list(self.execute(tasks)))
 
 
-def _key(gather) -> tuple:
+def gather_key(gather) -> tuple:
     """What a ``GatherTensors`` reads (its ImmutableMap compares by identity)."""
     return frozenset(gather.weight_info.items()), gather.dtype, gather.device
 
