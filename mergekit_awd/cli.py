@@ -325,13 +325,15 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     if learning is not None:
         k = len([m for m in config.models or [] if m.model != config.base_model])
         fitting = learn_mod.memory_needed(k, sum(p.numel() for p in model.parameters()))
-        need = fitting + tune.input_bytes(config)
+        inputs = tune.input_bytes(config)
+        need = int(learn_mod.ALLOCATOR * (fitting + inputs))
         if not former.in_memory or need > limit:
             raise click.ClickException(
                 f"--learn needs about {need / 2**30:.1f} GiB: the inputs read once "
-                f"({(need - fitting) / 2**30:.1f} GiB) and, for the fit, K + 4 = {k + 4} "
-                f"copies of the model in float32 ({fitting / 2**30:.1f} GiB, activations "
-                f"on top); that is over --max-memory {limit / 2**30:.1f} GiB"
+                f"({inputs / 2**30:.1f} GiB) and, for the fit, K + 4 = {k + 4} copies of "
+                f"the model in float32 ({fitting / 2**30:.1f} GiB), plus "
+                f"{learn_mod.ALLOCATOR - 1:.0%} for activations and the allocator; that "
+                f"is over --max-memory {limit / 2**30:.1f} GiB"
                 + (f" ({former.reason})" if former.reason else ""))
     say = (lambda text: None) if options.quiet else (lambda text: click.echo(text, err=True))
     say(f"tune: {len(candidates)} candidates ({', '.join(method_list)}), "
