@@ -98,7 +98,7 @@ def regime_table(results, regime):
     lines = [f"#### {REGIMES[regime]}", "",
              f"Seeds: {', '.join(k.split('/')[1] for k in keys)}; test: {len(entries[0][f'{methods[0]}/tuned']['test'][TASKS[0]]['exact_each'])} "
              f"prompts per task. Exact match in points (mean over seeds; ± half the range "
-             f"over seeds); general = loss on the instruct model's own answers to {len(entries[0]["base"]["general"]["exact_each"])} "
+             f"over seeds); general = loss on the instruct model's own answers to {len(entries[0]['base']['general']['exact_each'])} "
              f"general prompts (lower keeps more of it).", "",
              "| model / method | chosen on validation (per seed) | "
              + " | ".join(TASKS) + " | mean ± | general loss |",
