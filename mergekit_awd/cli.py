@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -186,6 +187,9 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "task_arithmetic, ties; with --learn: the recipe's if it can be "
                    "learned, and task_arithmetic)")
 @_knob_options
+@click.option("--budget", type=int, default=None,
+              help=f"evaluations per method for the lambda search when --lambda is not "
+                   f"given (default {tune.DEFAULT_BUDGET})")
 @click.option("--metric", type=click.Choice(["exact", "loss", "entropy"]), default=None,
               help="the score that chooses: exact match of the greedy answer (higher is "
                    "better), mean completion loss or, for prompts without completions, "
@@ -228,7 +232,7 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
               help="tokens per scoring batch")
 @add_merge_options
 def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
-                 metric, eval_cmd, learn, objective, holdout, learn_steps, learn_lr,
+                 budget, metric, eval_cmd, learn, objective, holdout, learn_steps, learn_lr,
                  learn_batch, eval_every, max_new_tokens, out_dir, merge_to, max_memory,
                  batch_tokens, **knobs):
     """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
@@ -247,13 +251,15 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
         _tune(config, merge_options, data=data, test=test, methods=methods,
               knobs={p.name: knobs[p.name] for p in params.TUNABLE}, metric=metric,
               eval_cmd=eval_cmd, out_dir=out_dir, merge_to=merge_to, max_memory=max_memory,
-              batch_tokens=batch_tokens, learning=learning, max_new_tokens=max_new_tokens)
+              batch_tokens=batch_tokens, learning=learning, max_new_tokens=max_new_tokens,
+              budget=tune.DEFAULT_BUDGET if budget is None else budget)
     except (evaluate.AWDDataError, AWDParameterError) as error:
         raise click.ClickException(str(error))
 
 
 def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_dir,
-          merge_to, max_memory, batch_tokens, learning=None, max_new_tokens=64):
+          merge_to, max_memory, batch_tokens, learning=None, max_new_tokens=64,
+          budget=tune.DEFAULT_BUDGET):
     import json
     import shlex
     import subprocess
@@ -288,12 +294,16 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         method_list = list(dict.fromkeys(
             [m for m in (recipe_method, "task_arithmetic") if m in learn_mod.LEARNABLE]))
     else:
-        method_list = list(dict.fromkeys([recipe_method, "task_arithmetic", "ties"]))
+        method_list = list(dict.fromkeys([recipe_method, *tune.DEFAULT_METHODS]))
     if learning is not None:
         learn_mod.refuse_unlearnable(method_list)
-    candidates = tune.grid(method_list, {p.name: _knob_values(p, knobs[p.name], config)
-                                         for p in params.TUNABLE})
-    tune.check_methods(config, method_list, options)
+    values = {p.name: _knob_values(p, knobs[p.name], config) for p in params.TUNABLE}
+    searched = knobs["lambda"] is None  # --lambda: an exact grid; else a search
+    plan = tune.plan(method_list, values, searched, budget)
+    left_out = tune.check_methods(config, method_list, options, given=bool(methods))
+    plan = [(m, settings, per) for m, settings, per in plan if m not in left_out]
+    method_list = [m for m in method_list if m not in left_out]
+    candidates = [c for _, settings, _ in plan for c in settings]
 
     remote = bool(getattr(options, "trust_remote_code", False))
     revision = config.base_model.model.revision
@@ -336,9 +346,12 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                 f"is over --max-memory {limit / 2**30:.1f} GiB"
                 + (f" ({former.reason})" if former.reason else ""))
     say = (lambda text: None) if options.quiet else (lambda text: click.echo(text, err=True))
-    say(f"tune: {len(candidates)} candidates ({', '.join(method_list)}), "
+    for method, reason in left_out.items():
+        say(f"tune: leaving out {method}: it cannot merge this recipe ({reason})")
+    say(f"tune: {tune.plan_line(plan, searched, budget)}; "
         f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples")
     former.prepare(candidates)
+    candidates = []  # the candidates evaluated, in order (rows[i] is candidates[i])
     say("tune: forming candidates " + ("in memory" if former.in_memory
                                         else f"on disk ({former.reason})"))
     if learning is not None and not former.in_memory:
@@ -379,32 +392,57 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                                        on_tasks)
         return scores, scorer.means(scores), formed - start, time.perf_counter() - formed
 
-    rows = []
+    rows: list = []
+    searches: list = []
+
+    def evaluate_one(candidate) -> Optional[tuple]:
+        """Score one candidate: a row (and its rank), or a failed row (None)."""
+        i = len(rows) + 1
+        row = {"candidate": candidate.label, "method": candidate.method,
+               "settings": candidate.overrides()}
+        if candidate.as_written:
+            row["as_written"] = True
+        candidates.append(candidate)
+        try:
+            scores, means, form_s, score_s = run_candidate(candidate, tasks)
+        except Exception as error:  # one candidate's failure: a row, and go on
+            row.update(scores={}, mean={}, error=_one_line(error))
+            rows.append(row)
+            say(f"[{i}] {candidate.label}: failed: {row['error']}")
+            if len(rows) >= 2 and all(r.get("error") == row["error"] for r in rows):
+                raise click.ClickException(
+                    f"tune: the first {len(rows)} candidates all failed the same way, "
+                    f"so the rest would too: {row['error']}")
+            return None
+        row.update(scores=scores, mean=means, form_seconds=form_s, score_seconds=score_s)
+        rows.append(row)
+        say(f"[{i}] {candidate.label}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+            + f"  (formed {form_s:.2f} s, scored {score_s:.2f} s)")
+        rank = evaluate.rank(means, metric_name)
+        return None if any(math.isnan(v) for v in means.values()) else rank
+
     interrupted = False
     try:
-        for i, candidate in enumerate(candidates, 1):
-            row = {"candidate": candidate.label, "method": candidate.method,
-                   "settings": candidate.overrides()}
-            try:
-                scores, means, form_s, score_s = run_candidate(candidate, tasks)
-            except Exception as error:  # one candidate's failure: a row, and go on
-                row.update(scores={}, mean={}, error=_one_line(error))
-                rows.append(row)
-                say(f"[{i}/{len(candidates)}] {candidate.label}: failed: {row['error']}")
-                if len(rows) >= 2 and all(r.get("error") == row["error"] for r in rows):
-                    raise click.ClickException(
-                        f"tune: the first {len(rows)} candidates all failed the same way, "
-                        f"so the rest would too: {row['error']}")
-                continue
-            row.update(scores=scores, mean=means, form_seconds=form_s, score_seconds=score_s)
-            rows.append(row)
-            say(f"[{i}/{len(candidates)}] {candidate.label}: "
-                + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-                + f"  (formed {form_s:.2f} s, scored {score_s:.2f} s)")
+        for method, settings, per_setting in plan:
+            for setting in settings:
+                if per_setting is None:  # an exact grid, or no lambda
+                    evaluate_one(setting)
+                    continue
+                path = tune.search_lambda(
+                    lambda lam, c=setting: evaluate_one(tune.with_lambda(c, lam)),
+                    values["lambda"], per_setting)
+                searches.append({"setting": tune.line_key(setting)[0] + " " + " ".join(
+                    f"{k}={v:g}" if v is not None else f"{k}=recipe's"
+                    for k, v in setting.values if k != "lambda"),
+                    "path": [{"lambda": lam, "phase": phase} for lam, phase in path]})
+        recipe_candidate = tune.as_written(config)
+        written = tune.candidate_config(config, recipe_candidate).to_yaml()
+        if not any(tune.candidate_config(config, c).to_yaml() == written
+                   for c in candidates):
+            evaluate_one(recipe_candidate)
     except KeyboardInterrupt:
         interrupted = True
-        say(f"tune: interrupted after {len(rows)} of {len(candidates)} candidates; "
-            f"writing the table so far")
+        say(f"tune: interrupted after {len(rows)} candidates; writing the table so far")
     if not any("error" not in r for r in rows):
         raise click.ClickException(
             "tune: no candidate was scored" + (f" ({rows[0]['error']})" if rows else ""))
@@ -420,7 +458,16 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
             "in memory" if former.in_memory else "on disk"),
         "gram_seconds": former.gram_seconds, "candidates": rows, "best": best,
         "interrupted": interrupted, "random_seed": tune.seed_of(options),
+        "lambda_search": searches, "budget": budget if searched else None,
+        "comparisons": [],
     }
+    rivals = tune.rivals(rows, candidates, best, metric_name, config)
+    if metric_name != "external":
+        for j in rivals:
+            result["comparisons"].append({
+                "other": rows[j]["candidate"], "why": rivals[j],
+                "validation": tune.compare(rows[best]["scores"], rows[j]["scores"],
+                                           metric_name)})
     chosen_label, chosen_tensors = best_candidate.label, None
     learned = []
     if learning is not None and not interrupted:
@@ -451,6 +498,9 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
             else:
                 result.setdefault("test_learned", []).append(
                     {"candidate": label, "scores": scores, "mean": means})
+        for comparison, j in zip(result["comparisons"], rivals):
+            scores, _, _, _ = run_candidate(candidates[j], test_tasks)
+            comparison["test"] = tune.compare(result["test"]["scores"], scores, metric_name)
     with open(os.path.join(out_dir, "best.yml"), "w", encoding="utf-8") as f:
         f.write(tune.recipe_text(best_cfg, best_cfg.merge_method, options))
     for entry in learned:
@@ -462,7 +512,10 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
     with open(os.path.join(out_dir, "tune.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     _tune_picture(rows, metric_name, os.path.join(out_dir, "tune-lambda.svg"))
-    click.echo(_tune_table(rows, best, metric_name))
+    click.echo(_tune_table(rows, best, metric_name, result["comparisons"]))
+    for c in result["comparisons"]:
+        click.echo(f"validation ({c['why']}): " + tune.comparison_line(
+            rows[best]["candidate"], c["other"], c["validation"]))
     for entry in learned:
         click.echo(entry.line())
     for t in ([result["test"]] if "test" in result else []) + result.get("test_learned", []):
@@ -470,7 +523,19 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                    + " ".join(f"{name} " + "/".join(f"{s[m]:.3f}" for m in scorer.names)
                               for name, s in t["scores"].items())
                    + "  mean " + ", ".join(f"{m} {v:.4f}" for m, v in t["mean"].items()))
-    click.echo(f"best: {chosen_label}  ->  {os.path.join(out_dir, 'best.yml')}")
+    for c in result["comparisons"]:
+        if "test" in c:
+            click.echo(f"test ({c['why']}, scored once): " + tune.comparison_line(
+                result["test"]["candidate"], c["other"], c["test"]))
+    summary = ""
+    if result["comparisons"]:
+        c = result["comparisons"][0]
+        low, high = c["validation"]["ci95"]
+        summary = (f"  (vs {c['other']}: {c['validation']['difference']:+.4f} "
+                   f"[{low:+.4f}, {high:+.4f}], "
+                   + ("separated" if c["validation"]["separated"] else "not separated")
+                   + " on validation)")
+    click.echo(f"best: {chosen_label}  ->  {os.path.join(out_dir, 'best.yml')}{summary}")
     if merge_to and not interrupted:
         if chosen_tensors is None:
             former.merge(best_candidate, merge_to)
@@ -487,13 +552,15 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
-def _tune_table(rows, best: int, metric: str) -> str:
+def _tune_table(rows, best: int, metric: str, comparisons=()) -> str:
     scored = rows[best]
     tasks = list(scored["scores"])
     width = max(len(r["candidate"]) for r in rows) + 2
     head = f"  {'candidate':{width}s}" + "".join(f"{t[:10]:>11s}" for t in tasks)
     head += "".join(f"{m:>11s}" for m in scored["mean"])
+    head += "  chosen - this (95% CI)" if comparisons else ""
     lines = [head]
+    against = {c["other"]: c["validation"] for c in comparisons}
     for i, r in enumerate(rows):
         mark = "* " if i == best else "  "
         if "error" in r:
@@ -501,11 +568,17 @@ def _tune_table(rows, best: int, metric: str) -> str:
             continue
         cells = "".join(f"{r['scores'][t][metric]:11.4f}" for t in tasks)  # none: external
         cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
+        c = against.get(r["candidate"])
+        if c is not None:
+            cells += (f"  {c['difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+                      + ("" if c["separated"] else " ?"))
         lines.append(f"{mark}{r['candidate']:{width}s}{cells}")
     what = {"exact": "exact match", "loss": "loss", "entropy": "entropy",
             "external": "--eval-cmd"}[metric]
-    lines.append(f"(per-task columns: {what}; * = chosen on {what})" if tasks
-                 else f"(* = chosen on {what})")
+    lines.append((f"(per-task columns: {what}; * = chosen on {what}" if tasks
+                  else f"(* = chosen on {what}")
+                 + ("; ? = the data cannot separate it from the chosen one)" if comparisons
+                    else ")"))
     return "\n".join(lines)
 
 

@@ -586,8 +586,9 @@ def learn_all(former, model, scorer, learning, tasks, rows, candidates, options,
         f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
         f"({learning.holdout:g} of each task); objective {learning.objective}")
     learned, interrupted = [], False
-    for method in dict.fromkeys(c.method for c in candidates):
-        mine = [i for i, r in enumerate(rows) if r["method"] == method]
+    for method in dict.fromkeys(c.method for c in candidates if c.method in LEARNABLE):
+        mine = [i for i, r in enumerate(rows) if r["method"] == method
+                and not r.get("as_written")]
         if not mine:
             continue
         static = candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]

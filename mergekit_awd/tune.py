@@ -44,15 +44,28 @@ RANDOMIZED = ("dare_ties", "dare_linear", "della", "della_linear", "awd_dare_tie
 # mergekit methods whose `density` is their sparsification knob
 SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "awd_ties", "awd_dare_ties")
+# methods whose merge, for fixed other settings, is f(0) + lambda * D (``Former.form``
+# forms f(lambda_1) once and every other lambda by one scaled add):
+# - mergekit's generalized_task_arithmetic (task_arithmetic, ties, breadcrumbs,
+#   breadcrumbs_ties): ``base + lambda * mixed_delta``, mixed_delta (masks,
+#   sparsification, normalize) independent of lambda; f(0) = base;
+# - awd: base + keep_delta * delta + lambda * sum_k weight_k (tau_k - delta); awd_ties:
+#   the same with mergekit's TIES of tau_k - delta, delta independent of lambda (the
+#   solve has no lambda); f(0) = base + keep_delta * delta, awd's at lambda = 0.
+# The randomized methods are linear too, but formed by run_merge (RANDOMIZED).
+LINEAR_IN_LAMBDA = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "awd",
+                    "awd_ties")
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One setting to try: a method and the recipe parameters it replaces
-    (``values``: (name, value) pairs in the order of ``params.TUNABLE``)."""
+    (``values``: (name, value) pairs in the order of ``params.TUNABLE``;
+    ``as_written``: the recipe itself, every value its own)."""
 
     method: str
     values: tuple = ()
+    as_written: bool = False
 
     def overrides(self) -> Dict[str, float]:
         """The recipe parameters this candidate sets (under their recipe names; a value
@@ -61,6 +74,8 @@ class Candidate:
 
     @property
     def label(self) -> str:
+        if self.as_written:
+            return f"{self.method} (the recipe as written)"
         return f"{self.method} " + " ".join(
             f"{k}={v:g}" if v is not None else f"{k}=recipe's" for k, v in self.values)
 
@@ -92,13 +107,91 @@ def knobs_of(method: str) -> list:
 
 def grid(methods: Sequence[str], values: Dict[str, Sequence[float]]) -> List[Candidate]:
     """Every combination of each method's own knobs (``values``: name -> the values
-    to try), each value validated as the recipe's are."""
+    to try), each value validated as the recipe's are; lambda varies fastest (one
+    setting of the other knobs after another: ``Former.form`` scales each)."""
     out = []
     for method in methods:
-        axes = [[(p.name, None if v is None else params.validate(p.name, float(v)))
-                 for v in values[p.name]] for p in knobs_of(method)]
-        out += [Candidate(method, combo) for combo in itertools.product(*axes)]
+        knobs = knobs_of(method)
+        order = sorted(range(len(knobs)), key=lambda i: knobs[i].name == "lambda")
+        axes = [[(knobs[i].name, None if v is None else params.validate(knobs[i].name,
+                                                                         float(v)))
+                 for v in values[knobs[i].name]] for i in order]
+        for combo in itertools.product(*axes):
+            back = dict(zip(order, combo))
+            out.append(Candidate(method, tuple(back[i] for i in range(len(knobs)))))
     return out
+
+
+# what tune compares when --methods is not given (besides the recipe's own method):
+# mergekit's two most used task-vector merges, and AWD alone and with TIES (the
+# paper's Table 4)
+DEFAULT_METHODS = ("task_arithmetic", "ties", "awd", "awd_ties")
+
+
+def plan(methods: Sequence[str], values: Dict[str, Sequence[float]], searched: bool,
+         budget: int) -> list:
+    """(method, its settings, evaluations per setting for the lambda search or None)
+    per method: with ``searched``, each setting of the other knobs (at lambda
+    values["lambda"][0]) gets a search from the coarse values["lambda"]; without, or
+    for a method without lambda, the settings are the exact grid."""
+    if budget < 1:
+        raise AWDParameterError(f"--budget must be >= 1; got {budget}")
+    out = []
+    for method in methods:
+        has_lambda = any(p.name == "lambda" for p in knobs_of(method))
+        if not searched or not has_lambda:
+            out.append((method, grid([method], values), None))
+            continue
+        settings = grid([method], dict(values, **{"lambda": values["lambda"][:1]}))
+        out.append((method, settings,
+                    settings_budget(method, len(settings), len(values["lambda"]), budget)))
+    return out
+
+
+def plan_line(plan_: list, searched: bool, budget: int) -> str:
+    """What the plan will evaluate, in one line."""
+    parts = []
+    for method, settings, per in plan_:
+        if per is None:
+            parts.append(f"{method} {len(settings)}")
+        else:
+            parts.append(f"{method} {len(settings)} x lambda search (<= {per})")
+    return "candidates: " + ", ".join(parts) + (
+        f" (lambda from the coarse grid, extended at edges within "
+        f"[{LAMBDA_LOW:g}, {LAMBDA_HIGH:g}], refined to {RESOLUTION:.0%}; "
+        f"--budget {budget} per method)" if searched else "")
+
+
+def with_lambda(candidate: Candidate, lam: float) -> Candidate:
+    return dataclasses.replace(candidate, values=tuple(
+        (k, float(lam) if k == "lambda" else v) for k, v in candidate.values))
+
+
+def as_written(config) -> Candidate:
+    """The recipe itself as a candidate (every knob the recipe's own)."""
+    method = config.merge_method
+    return Candidate(method, tuple((p.name, None) for p in knobs_of(method)),
+                     as_written=True)
+
+
+def rivals(rows: Sequence[Dict], candidates: Sequence[Candidate], best: int,
+           metric: str, config) -> Dict[int, str]:
+    """What the choice is compared with: each other method's best candidate, and the
+    recipe as written; row index -> why, best ranked first."""
+    ok = [i for i, r in enumerate(rows) if "error" not in r and r["mean"]
+          and not any(math.isnan(v) for v in r["mean"].values())]
+    out = {}
+    for method in dict.fromkeys(c.method for c in candidates):
+        mine = [i for i in ok if candidates[i].method == method and
+                not candidates[i].as_written]
+        if mine and method != candidates[best].method:
+            out[min(mine, key=lambda i: evaluate.rank(rows[i]["mean"], metric))] = (
+                f"best {method}")
+    for i in ok:
+        if candidates[i].as_written and i != best:
+            out.setdefault(i, "the recipe as written")
+    return dict(sorted(out.items(), key=lambda kv: evaluate.rank(rows[kv[0]]["mean"],
+                                                                 metric)))
 
 
 def candidate_config(config, candidate: Candidate):
@@ -140,30 +233,53 @@ class Inputs:
         self.values = {gather_key(task): value for task, value in
                        executor.run(quiet=options.quiet, desc="tune: reading inputs")}
 
-    def execute(self, tasks) -> Iterable:
+    def execute(self, tasks, deltas: bool = False) -> Iterable:
+        """Each task run on its inputs; ``deltas``: on the inputs moved by minus the
+        base (the base zero, each fine-tune its task vector, as mergekit's methods
+        compute it: ``entry.tensor - base`` in the inputs' dtype)."""
         for task in tasks:
             value = self.values.get(gather_key(task.gather_tensors))
             if value is None:
                 raise RuntimeError(f"tune: tensor {task.output_weight.name} of a candidate "
                                    f"reads inputs the first pass did not read")
+            if deltas:
+                base = value[task.base_model]
+                value = {m: torch.zeros_like(t) if m == task.base_model else t - base
+                         for m, t in value.items()}
             yield task, task.execute(tensors=value)
+
+    def base_of(self, task) -> Optional[torch.Tensor]:
+        """The base model's tensor among ``task``'s inputs (None: it has none)."""
+        value = self.values.get(gather_key(task.gather_tensors)) or {}
+        return value.get(task.base_model) if task.base_model is not None else None
 
     def form(self, tasks, out_dtype: Optional[str]) -> Dict[str, torch.Tensor]:
         """The merged tensors of ``tasks``, cast as mergekit's writer casts them."""
-        from mergekit.common import dtype_from_name
+        return cast(self.form_raw(tasks), tasks, out_dtype)
 
-        out = {}
-        for task, result in self.execute(tasks):
-            if result is None:
-                continue
-            dtype = task.output_weight.force_dtype or out_dtype
-            out[task.output_weight.name] = (result.to(dtype_from_name(dtype))
-                                            if dtype else result)
-        return out
+    def form_raw(self, tasks, deltas: bool = False) -> Dict[str, torch.Tensor]:
+        """The merged tensors of ``tasks`` as the method returns them (before the
+        writer's cast); ``deltas``: formed with the base at zero (``execute``)."""
+        return {task.output_weight.name: result
+                for task, result in self.execute(tasks, deltas) if result is not None}
 
     def gram(self, tasks) -> scope.Collected:
         """The kernel's own Gram pass, over the inputs already read."""
         return scope.collect(context.RunContext(), lambda: list(self.execute(tasks)))
+
+
+def cast(raw: Dict[str, torch.Tensor], tasks, out_dtype: Optional[str]):
+    """``raw`` cast as mergekit's writer casts each tensor (its forced dtype, else the
+    recipe's ``out_dtype``)."""
+    from mergekit.common import dtype_from_name
+
+    out = {}
+    for task in tasks:
+        name = task.output_weight.name
+        if name in raw:
+            dtype = task.output_weight.force_dtype or out_dtype
+            out[name] = raw[name].to(dtype_from_name(dtype)) if dtype else raw[name]
+    return out
 
 
 def gather_key(gather) -> tuple:
@@ -229,6 +345,9 @@ class Former:
         self.input_tasks: list = []
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
+        # [line_key, (lambda_1, f'(lambda_1), tasks, out_dtype) or None (formed in
+        #  full at every lambda), f'(0)]: f' = the merge minus the base
+        self.line: Optional[list] = None
         self.gram_seconds = 0.0
         self.reason = ""
         if in_memory:
@@ -238,7 +357,9 @@ class Former:
         self.in_memory = in_memory and not self.reason
 
     def _memory_check(self, max_memory: int) -> str:
-        need = input_bytes(self.config) + 2 * sum(
+        # the inputs read once, the scoring model, one candidate's tensors and the
+        # two ends of the line lambda scales (``form``)
+        need = input_bytes(self.config) + 4 * sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         if need > max_memory:
             return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
@@ -314,11 +435,72 @@ class Former:
 
     def form(self, candidate: Candidate, cfg=None) -> Dict[str, torch.Tensor]:
         """The candidate's merged tensors, formed from the inputs read once (``cfg``:
-        another recipe with the candidate's solver settings, e.g. a learned one)."""
+        another recipe with the candidate's solver settings, e.g. a learned one).
+
+        A method linear in lambda (``LINEAR_IN_LAMBDA``) whose inputs and output are
+        32 bits or more is formed with the base at zero (``Inputs.execute``):
+        f'(lambda) = f(lambda) - base, in full at the first lambda_1 of each setting
+        of its other knobs, and f'(0) by a cheap method at the second (``zero_of``);
+        every lambda is then base + f'(0) + (lambda / lambda_1) (f'(lambda_1) -
+        f'(0)), one scaled add. mergekit's ``base + lambda * mixed_delta`` computes
+        ``entry - base`` first, so at lambda_1 this is its merge bit for bit; at other
+        lambdas the difference is a rounding of the (small) merged delta, not of the
+        (large) weights. 16-bit inputs or outputs: formed in full at every lambda
+        (mergekit's 16-bit arithmetic is not a float32 scaled add).
+        """
+        if cfg is not None or not scalable(candidate):
+            return cast(*self._formed(candidate, cfg))
+        lam = candidate.overrides()["lambda"]
+        key = line_key(candidate)
+        if self.line is None or self.line[0] != key:  # a new setting
+            cfg = candidate_config(self.config, candidate)
+            tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
+            self.line = [key, None, None]
+            if lam == 0 or not self._wide(tasks, cfg.out_dtype):
+                return cast(*self._formed(candidate))
+            one = self._formed(candidate, deltas=True)[0]
+            self.line[1] = (lam, one, tasks, cfg.out_dtype)
+            return cast(self._plus_base(one, tasks), tasks, cfg.out_dtype)
+        _, first, zero = self.line
+        if first is None:  # 16 bits: in full at every lambda
+            return cast(*self._formed(candidate))
+        lam1, one, tasks, out_dtype = first
+        if zero is None:  # the second lambda of this setting: f'(0), once
+            zero = self.line[2] = self._formed(zero_of(candidate), deltas=True)[0]
+            if set(zero) != set(one):
+                self.line[1] = None
+                return cast(*self._formed(candidate))
+        t = lam / lam1
+        return cast(self._plus_base({n: torch.lerp(zero[n], one[n], t) for n in one}, tasks),
+                    tasks, out_dtype)
+
+    def _wide(self, tasks, out_dtype: Optional[str]) -> bool:
+        """Every input of ``tasks`` (as read: after ``dtype:``) and every written
+        tensor in 32 bits or more, and every task with a base among its inputs."""
+        from mergekit.common import dtype_from_name
+
+        inputs = self.read_inputs()
+        for task in tasks:
+            value = inputs.values.get(gather_key(task.gather_tensors)) or {}
+            written = task.output_weight.force_dtype or out_dtype
+            if (inputs.base_of(task) is None
+                    or any(t.dtype not in _WIDE for t in value.values())
+                    or (written is not None and dtype_from_name(written) not in _WIDE)):
+                return False
+        return True
+
+    def _plus_base(self, moved: Dict[str, torch.Tensor], tasks) -> Dict[str, torch.Tensor]:
+        inputs = self.read_inputs()
+        return {t.output_weight.name: inputs.base_of(t).to(moved[t.output_weight.name].dtype)
+                + moved[t.output_weight.name] for t in tasks if t.output_weight.name in moved}
+
+    def _formed(self, candidate: Candidate, cfg=None, deltas: bool = False):
+        """(raw merged tensors, their tasks, the recipe's out_dtype): the candidate
+        formed in full by mergekit's tasks (``deltas``: with the base at zero)."""
         cfg = cfg or candidate_config(self.config, candidate)
         tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
         with self.run_for(candidate).active(), _seeded(self.options), _quiet_kernel():
-            return self.read_inputs().form(tasks, cfg.out_dtype)
+            return self.read_inputs().form_raw(tasks, deltas), tasks, cfg.out_dtype
 
     def merge(self, candidate: Candidate, out_path: str) -> None:
         """mergekit's run_merge of the candidate into ``out_path``, offered the shared
@@ -337,6 +519,32 @@ class Former:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def scalable(candidate: Candidate) -> bool:
+    """Whether other lambdas of ``candidate``'s setting are one scaled add away."""
+    return (candidate.method in LINEAR_IN_LAMBDA
+            and candidate.overrides().get("lambda") is not None)
+
+
+def line_key(candidate: Candidate) -> tuple:
+    """The candidate's setting apart from lambda: one line f0 + lambda * D."""
+    return candidate.method, tuple(kv for kv in candidate.values if kv[0] != "lambda")
+
+
+def zero_of(candidate: Candidate) -> Candidate:
+    """A cheap candidate whose merge is ``candidate``'s at lambda 0: mergekit's
+    task_arithmetic (base) for mergekit's methods; for AWD methods awd with the
+    same alpha and keep_delta (base + keep_delta * delta where selected, base
+    elsewhere; the sparsification of awd_ties is multiplied by lambda)."""
+    if candidate.is_awd:
+        return Candidate("awd", tuple((k, 0.0 if k == "lambda" else v)
+                                      for k, v in candidate.values
+                                      if k in ("lambda", "alpha", "keep_delta")))
+    return Candidate("task_arithmetic", (("lambda", 0.0),))
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def _config_differences(loaded, written) -> str:
@@ -417,17 +625,23 @@ def swap_in(model, tensors: Dict[str, torch.Tensor]) -> None:
 
 def choose(rows: Sequence[Dict], metric: str) -> int:
     """Index of the best row (``evaluate.rank``). A row that failed, or has a NaN
-    among its scores, never wins."""
+    among its scores, never wins; nor does the recipe as written (a reference the
+    choice is compared with, not a candidate)."""
     scored = [i for i, r in enumerate(rows) if "error" not in r and r["mean"]
+              and not r.get("as_written")
               and metric in r["mean"] and not any(math.isnan(v) for v in r["mean"].values())]
     if not scored:
         raise RuntimeError("no candidate produced a score")
     return min(scored, key=lambda i: evaluate.rank(rows[i]["mean"], metric))
 
 
-def check_methods(config, methods: Sequence[str], options) -> None:
+def check_methods(config, methods: Sequence[str], options, given: bool = True
+                  ) -> Dict[str, str]:
     """Each method planned once on the recipe, before anything is read: one line for
-    a method that cannot merge it (mergekit's own reason)."""
+    a method that cannot merge it (mergekit's own reason). Where the methods are
+    tune's defaults (not ``given``), such a method other than the recipe's own is left
+    out instead: method -> why."""
+    left_out = {}
     for method in methods:
         try:
             mergekit_run.plan_tensor_tasks(candidate_config(config, Candidate(method)),
@@ -436,6 +650,131 @@ def check_methods(config, methods: Sequence[str], options) -> None:
             raise
         except Exception as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            why = f"{type(error).__name__}: {reason[:300]}"
+            if not given and method != config.merge_method:
+                left_out[method] = why
+                continue
             raise AWDParameterError(
-                f"--methods: {method} cannot merge this recipe "
-                f"({type(error).__name__}: {reason[:300]}); leave it out of --methods")
+                f"--methods: {method} cannot merge this recipe ({why}); leave it out of "
+                f"--methods")
+    return left_out
+
+
+# -- searching lambda -----------------------------------------------------------------
+
+# where the search may go and when it stops (README, "Candidates")
+LAMBDA_LOW, LAMBDA_HIGH = 1 / 64, 16.0
+RESOLUTION = 0.05  # refine until both neighbours of the best lambda are within 5% of it
+DEFAULT_BUDGET = 12  # evaluations per method
+
+
+def search_lambda(score, coarse: Sequence[float], budget: int, low: float = LAMBDA_LOW,
+                  high: float = LAMBDA_HIGH, resolution: float = RESOLUTION) -> list:
+    """Search lambda for one setting of a method's other knobs; returns the path,
+    (lambda, phase) in the order evaluated, at most ``budget`` long.
+
+    ``score(lam)`` evaluates one candidate: a rank (lower is better,
+    ``evaluate.rank``) or None when it failed (never best; a failed lambda is still
+    an edge: the search does not step over it).
+
+    - coarse: every value of ``coarse``;
+    - extend: while the best is the largest lambda tried, double it (up to
+      ``high``); while it is the smallest, halve it (down to ``low``);
+    - refine: golden-section steps inside the best's neighbours (the larger gap is
+      probed at 0.382 of its width from the best) until both gaps are within
+      ``resolution`` of the best lambda.
+    Ties between equal ranks go to the smaller lambda.
+    """
+    seen: Dict[float, Optional[tuple]] = {}
+    path: list = []
+
+    def at(lam: float, phase: str) -> bool:
+        lam = float(f"{lam:.4g}")  # labels a person can read; equal points merge
+        if lam in seen or len(path) >= budget:
+            return False
+        seen[lam] = score(lam)
+        path.append((lam, phase))
+        return True
+
+    def best() -> Optional[float]:
+        ok = [lam for lam, r in seen.items() if r is not None]
+        return min(ok, key=lambda lam: (seen[lam], lam)) if ok else None
+
+    for lam in coarse:
+        at(float(lam), "coarse")
+    while len(path) < budget:
+        b, tried = best(), sorted(seen)
+        if b is None:
+            return path
+        if b == tried[-1] and b < high:
+            moved = at(min(2 * b, high), "extend")
+        elif b == tried[0] and b > low:
+            moved = at(max(b / 2, low), "extend")
+        else:
+            break
+        if not moved:
+            break
+    while len(path) < budget:
+        b, tried = best(), sorted(seen)
+        i = tried.index(b)
+        if i == 0 or i == len(tried) - 1:  # at a bound of the search
+            break
+        left, right = b - tried[i - 1], tried[i + 1] - b
+        if max(left, right) <= resolution * b:
+            break
+        x = b + 0.382 * right if right >= left else b - 0.382 * left
+        if not at(x, "refine"):
+            break
+    return path
+
+
+def settings_budget(method: str, settings: int, coarse: int, budget: int) -> int:
+    """Evaluations each setting of ``method``'s other knobs may spend on lambda."""
+    if settings * coarse > budget:
+        raise AWDParameterError(
+            f"--budget {budget} is too small for {method}: {settings} setting(s) of its "
+            f"other knobs x the {coarse} coarse lambda values need {settings * coarse}; "
+            f"raise --budget, give fewer values of its other knobs, or give --lambda for "
+            f"an exact grid")
+    return budget // settings
+
+
+# -- how sure the choice is -----------------------------------------------------------
+
+
+def compare(a: Dict[str, Dict], b: Dict[str, Dict], metric: str, z: float = 1.96,
+            resamples: int = 2000) -> Dict:
+    """``a`` against ``b`` (per-task scores with per-example values, the same examples)
+    on ``metric``: the paired difference a - b (mean over tasks of each task's mean),
+    its 95% bootstrap interval resampling examples within tasks, whether the
+    interval excludes 0, and, from the paired variance, how many examples per task
+    would make an interval of that difference exclude 0 (None where it already does,
+    or where the two never differ)."""
+    import numpy as np
+
+    each = f"{metric}_each"
+    x = {t: a[t][each] for t in a}
+    y = {t: b[t][each] for t in a}
+    diff, low, high = evaluate.paired_interval(x, y, resamples=resamples)
+    separated = low > 0 or high < 0
+    need = None
+    if not separated:
+        d = [np.asarray(x[t], float) - np.asarray(y[t], float) for t in x]
+        var = sum(float(v.var(ddof=1)) if len(v) > 1 else 0.0 for v in d) / len(d) ** 2
+        if diff != 0 and var > 0:
+            need = math.ceil(z * z * var / (diff * diff))
+    return {"metric": metric, "difference": diff, "ci95": [low, high],
+            "separated": separated, "examples_per_task_to_separate": need}
+
+
+def comparison_line(label: str, other: str, c: Dict) -> str:
+    """One line a person reads: the difference, its interval, what it means."""
+    low, high = c["ci95"]
+    text = (f"{label} - {other}: {c['metric']} {c['difference']:+.4f} "
+            f"[95% CI {low:+.4f}, {high:+.4f}]")
+    if c["separated"]:
+        return text + ": the data separate the two"
+    need = c["examples_per_task_to_separate"]
+    return text + (": the data cannot separate the two"
+                   + (f" (about {need} examples per task would, at this difference)"
+                      if need else " (they score the same on every example)"))

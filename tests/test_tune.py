@@ -100,7 +100,8 @@ def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
     with open(out / "tune.json") as f:
         table = json.load(f)
     rows = table["candidates"]
-    assert len(rows) == 2 * 2 + 2
+    assert len(rows) == 2 * 2 + 2 + 1  # and the recipe as written, compared last
+    assert rows[-1]["as_written"] and rows[-1]["candidate"] == "awd (the recipe as written)"
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     tasks = evaluate.load_tasks([f"{t}={data[f'{t}.val']}" for t in TASKS], tokenizer, "base")
     from mergekit.config import MergeConfiguration
@@ -112,8 +113,8 @@ def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
     brute = []
     for i, row in enumerate(rows):
         s = row["settings"]
-        cand = _candidate(row["method"], s["lambda"], s.get("alpha"), s.get("keep_delta"),
-                          s.get("density"))
+        cand = tune.as_written(config) if row.get("as_written") else _candidate(
+            row["method"], s["lambda"], s.get("alpha"), s.get("keep_delta"), s.get("density"))
         folder = tmp_path / f"c{i}"
         # what mergekit-yaml runs, in this process (the recipe through its YAML)
         written = MergeConfiguration.model_validate(
@@ -121,7 +122,7 @@ def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
         run_merge(written, str(folder), options=MergeOptions(quiet=True))
         scores = evaluate.score(tune.load_model(str(folder)), tasks)
         means = {m: evaluate.mean(scores, m) for m in ("exact", "loss")}
-        brute.append({"mean": means})
+        brute.append({"mean": means, **({"as_written": True} if row.get("as_written") else {})})
         assert means["exact"] == pytest.approx(row["mean"]["exact"], abs=1e-9)
         assert means["loss"] == pytest.approx(row["mean"]["loss"], rel=1e-4)
     assert tune.choose(brute, "loss") == table["best"]
@@ -255,7 +256,10 @@ def test_eval_cmd_chooses(example, tmp_path):
     table = json.loads((out / "tune.json").read_text())
     assert table["candidates"][table["best"]]["settings"]["lambda"] == 0.6
     assert [r["mean"]["external"] for r in table["candidates"]] == [
-        pytest.approx(-0.3), 0.0, pytest.approx(-0.3)]
+        pytest.approx(-0.3), 0.0, pytest.approx(-0.3),
+        pytest.approx(-0.1)]  # the recipe as written (lambda 0.5): a reference, never chosen
+    assert table["candidates"][-1]["as_written"]
+    assert table["comparisons"] == []  # no per-example values to compare
 
 
 @pytest.mark.parametrize("content, message", [

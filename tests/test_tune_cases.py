@@ -70,7 +70,8 @@ def test_methods_without_lambda_are_tuned_and_the_picture_skips_them(example, tm
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "tune.json").read_text())["candidates"]
     assert [r["candidate"] for r in rows] == [
-        "model_stock ", "task_arithmetic lambda=0.3", "task_arithmetic lambda=0.6"]
+        "model_stock ", "task_arithmetic lambda=0.3", "task_arithmetic lambda=0.6",
+        "awd (the recipe as written)"]
     assert (out / "tune-lambda.svg").read_text().count("<polyline") == 1
     assert "test (" in result.output and (tmp_path / "m" / "config.json").exists()
 
