@@ -7,7 +7,8 @@ candidate's forming and scoring time from its tune.json; then merges the chosen
 recipe (best.yml) `--rounds` times with `mergekit-yaml` (wall time of the process)
 and with mergekit's `run_merge` in this process (no interpreter start-up), alternated.
 Prints one JSON object; ratios are medians of per-candidate forming time over the
-median merge time of the same run.
+median merge time of the same run, and per method the forming time of the first lambda
+of each setting (in full) and of the later ones (one scaled add) against scoring.
 """
 
 from __future__ import annotations
@@ -69,6 +70,32 @@ def main():
     awd = median_form(lambda r: r["method"].startswith("awd"))
     builtin = median_form(lambda r: not r["method"].startswith("awd"))
     m_cli, m_api = statistics.median(cli), statistics.median(api)
+    # per method: the first lambda of each setting (formed in full) and the later ones
+    # (one scaled add, where the method is linear in lambda), against scoring
+    per_method = {}
+    seen = set()
+    for r in rows:
+        if "error" in r or r.get("as_written"):
+            continue
+        setting = (r["method"], tuple(sorted((k, v) for k, v in r["settings"].items()
+                                             if k != "lambda")))
+        kind = "later" if setting in seen else "first"
+        seen.add(setting)
+        m = per_method.setdefault(r["method"], {"first": [], "later": [], "score": []})
+        m[kind].append(r["form_seconds"])
+        m["score"].append(r["score_seconds"])
+    summary = {}
+    for method, m in per_method.items():
+        first = statistics.median(m["first"]) if m["first"] else None
+        later = statistics.median(m["later"]) if m["later"] else None
+        score = statistics.median(m["score"])
+        summary[method] = {"form_first_lambda_s": first, "form_later_lambda_s": later,
+                           "score_s": score,
+                           "form_later_over_score": later / score if later else None}
+    awd_later = (summary.get("awd") or {}).get("form_later_lambda_s")
+    for method, m in summary.items():
+        m["form_later_over_awd_later"] = (m["form_later_lambda_s"] / awd_later
+                                          if awd_later and m["form_later_lambda_s"] else None)
     print(json.dumps({
         "recipe": args.recipe,
         "candidates": len(rows),
@@ -84,6 +111,7 @@ def main():
         "awd_form_over_mergekit_yaml": awd / m_cli if awd else None,
         "awd_form_over_run_merge": awd / m_api if awd else None,
         "builtin_form_over_mergekit_yaml": builtin / m_cli if builtin else None,
+        "per_method": summary,
     }, indent=1))
 
 
