@@ -63,6 +63,18 @@ def recipe(base, fts, weights=None, **parameters):
     return config
 
 
+def write_yaml(path, config):
+    """A recipe written where a command reads it; its path as a string."""
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def data_args(data, split="val", tasks=EXAMPLE_TASKS):
+    """`tune`'s --data (validation) or --test options for the example tasks."""
+    flag = "--data" if split == "val" else "--test"
+    return [a for t in tasks for a in (flag, f"{t}={data[f'{t}.{split}']}")]
+
+
 def mergekit_yaml(config, out_dir, *options, check=True):
     """Run the real `mergekit-yaml` CLI in a subprocess, as a user would."""
     config_path = os.path.join(os.path.dirname(str(out_dir)), os.path.basename(str(out_dir)) + ".yml")

@@ -12,16 +12,7 @@ from click.testing import CliRunner
 
 import reference
 from conftest import EXAMPLE_TASKS, mergekit_yaml
-
-
-def _write(path, config):
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def _data_args(data, split="val", tasks=EXAMPLE_TASKS):
-    flag = "--data" if split == "val" else "--test"
-    return [a for t in tasks for a in (flag, f"{t}={data[f'{t}.{split}']}")]
+from conftest import data_args as _data_args, write_yaml as _write
 
 
 def _tune(args, catch=False):
