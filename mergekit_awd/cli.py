@@ -499,8 +499,9 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
                 result.setdefault("test_learned", []).append(
                     {"candidate": label, "scores": scores, "mean": means})
         for comparison, j in zip(result["comparisons"], rivals):
-            scores, _, _, _ = run_candidate(candidates[j], test_tasks)
+            scores, means, _, _ = run_candidate(candidates[j], test_tasks)
             comparison["test"] = tune.compare(result["test"]["scores"], scores, metric_name)
+            comparison["test_scores"], comparison["test_mean"] = scores, means
     with open(os.path.join(out_dir, "best.yml"), "w", encoding="utf-8") as f:
         f.write(tune.recipe_text(best_cfg, best_cfg.merge_method, options))
     for entry in learned:

@@ -88,6 +88,14 @@ def test_tune_shows_the_intervals_against_each_method_and_the_recipe(example, tm
         assert c["validation"]["difference"] == pytest.approx(want)
         assert c["validation"]["ci95"][0] <= want <= c["validation"]["ci95"][1]
         assert set(c["test"]) >= {"difference", "ci95", "separated"}
+        # the compared candidate's own test scores are kept: the test difference is
+        # the chosen one's test examples minus these
+        want_test = np.mean([np.mean(np.subtract(
+            table["test"]["scores"][t]["exact_each"], c["test_scores"][t]["exact_each"]))
+            for t in EXAMPLE_TASKS])
+        assert c["test"]["difference"] == pytest.approx(want_test)
+        assert c["test_mean"]["exact"] == pytest.approx(np.mean(
+            [c["test_scores"][t]["exact"] for t in EXAMPLE_TASKS]))
         assert f"validation ({c['why']}): {rows[best]['candidate']} - {c['other']}" \
             in result.output
         assert f"test ({c['why']}, scored once): " in result.output
@@ -253,3 +261,17 @@ def test_sixteen_bit_candidates_are_formed_in_full_at_every_lambda(example):
         formed = former.form(cand(lam))
         assert all(torch.equal(formed[n], direct[n]) for n in direct)
     assert [c.overrides()["lambda"] for c in calls] == [0.5, 1.0, 1.5]
+
+
+def test_a_budget_too_small_for_the_coarse_grid_is_one_line(example, tmp_path):
+    from mergekit_awd.cli import main
+
+    _, paths, data, recipe = example
+    result = CliRunner().invoke(main, ["tune", _write(tmp_path / "r.yml", recipe),
+                                       *_data_args(data, tasks=("sort",)), "--out",
+                                       str(tmp_path / "t"), "--methods", "awd",
+                                       "--keep-delta", "0,1", "--budget", "8"])
+    assert result.exit_code != 0
+    assert ("--budget 8 is too small for awd: 2 setting(s) of its other knobs x the 5 "
+            "coarse lambda values need 10") in result.output
+    assert not (tmp_path / "t").exists()
