@@ -23,3 +23,14 @@ def test_quick_start_output_is_the_committed_log():
     assert len(lines) > 10
     missing = [x for x in lines if x not in logged]
     assert not missing, missing
+
+
+def test_no_document_keeps_an_unfilled_placeholder():
+    """A number or paragraph written later is never left as a marker in what users read."""
+    paths = [os.path.join(ROOT, "README.md")] + [
+        os.path.join(ROOT, "docs", name) for name in sorted(os.listdir(os.path.join(ROOT, "docs")))
+        if name.endswith(".md")]
+    found = [f"{os.path.relpath(p, ROOT)}:{i}: {line.strip()}"
+             for p in paths for i, line in enumerate(open(p, encoding="utf-8"), 1)
+             if re.search(r"\b[A-Z][A-Z_]*PLACEHOLDER\b|\bTODO\b|\bTBD\b|\bXXX\b", line)]
+    assert not found, found

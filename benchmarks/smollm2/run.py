@@ -1,7 +1,7 @@
 """Real-LLM quality benchmark: SmolLM2-135M-Instruct fine-tunes merged, settings chosen by
 `mergekit-awd tune` on validation, test reported once.
 
-    python benchmarks/smollm2/run.py WORK [--seeds 0,1] [--steps 25]   # ~3 h on 2 CPU cores
+    python benchmarks/smollm2/run.py WORK [--seeds 0,1] [--steps 25]   # ~1 h a seed on 2 CPU cores
     python benchmarks/smollm2/run.py WORK --tables                       # tables from results
 
 Regimes (four chat tasks, each with its own answer format, benchmarks/smollm2/make.py):
@@ -9,9 +9,13 @@ Regimes (four chat tasks, each with its own answer format, benchmarks/smollm2/ma
   b-inst   fine-tunes of a shared extra stage (terse answers to four other tasks),
            merged over the instruct model (the stage is part of every task vector)
   b-stage  the same fine-tunes merged over the stage checkpoint
-Every method gets the same number of validation evaluations (6) over its own knobs
-(GRIDS). Each (regime, seed, method) is one `mergekit-awd tune` run: choose on
-validation, score the chosen setting once on test. Every stage is cached in WORK.
+Per (regime, seed): one `mergekit-awd tune` of the four static methods (METHODS), each
+with its lambda searched within the same --budget of validation evaluations; tune
+chooses on validation and scores on test, once, its choice, each other method's best
+and the recipe as written (awd at its defaults). Then `tune --learn layer|model` for
+awd and task_arithmetic, each from its method's static choice: fitted on 75% of the
+validation prompts, the step kept on the other 25%, test scored once. Every stage is
+cached in WORK (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -28,18 +32,12 @@ sys.path.insert(0, HERE)
 
 import make  # noqa: E402
 
-# (lambda values, second knob name, its values): 6 validation evaluations each
-GRIDS = {
-    "task_arithmetic": ("0.2,0.3,0.4,0.5,0.6,0.8", None, None),
-    "ties": ("0.75,1,1.5", "density", "0.5,0.9"),
-    "awd": ("0.25,0.4,0.6", "keep-delta", "0,1"),
-}
-# awd_ties was in the plan and dropped: mergekit's TIES step (a full argsort of
-# every tensor of every task vector, sparsify.magnitude) made a 6-candidate tune ~8 minutes
-# on 2 cores, too slow for this benchmark's budget
-DEFAULTS = {"lambda": "1", "density": "1", "keep-delta": "0"}
-# regime (b) runs without TIES's grid (only its defaults): the same time budget
-SKIP_IN_B = {("ties", "tuned")}
+# the static methods: tune's default four, each with its lambda searched (no grid), the
+# same --budget of validation evaluations per method; awd and awd_ties search at
+# keep_delta 0 and 1 (two settings sharing the budget), ties and awd_ties at tune's
+# default density (0.5)
+METHODS = ("task_arithmetic", "ties", "awd", "awd_ties")
+STATIC_ARGS = ("--keep-delta", "0,1")
 GENERAL_PROMPTS = [
     "What is the capital of France?", "Give me two tips for sleeping better.",
     "Write a haiku about the sea.", "What does a CPU do?",
@@ -86,26 +84,62 @@ def recipe(base: str, models, path: str) -> str:
     return path
 
 
-def tune(recipe_path: str, data: str, method: str, out: str, grid=None, extra=()) -> dict:
-    """One `mergekit-awd tune` run (cached): the method's grid, val chooses, test once."""
+def tune(recipe_path: str, data: str, out: str, args) -> dict:
+    """One `mergekit-awd tune` run (cached; its progress in OUT/tune.log): choose on
+    validation, score the choice and what it is compared with once on test."""
     result = os.path.join(out, "tune.json")
     if os.path.exists(result):
         with open(result) as f:
             cached = json.load(f)
         if not cached.get("interrupted"):
             return cached
-    lam, knob, values = grid or GRIDS[method]
-    args = [os.path.join(os.path.dirname(sys.executable), "mergekit-awd"), "tune", recipe_path,
-            "--methods", method, "--lambda", lam, "--out", out, "--quiet", *extra]
-    if knob:
-        args += [f"--{knob}", values]
+    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-awd"), "tune",
+               recipe_path, "--out", out, *args]
     for task in make.TASKS:
-        args += ["--data", f"{task}={data}/{task}.val.jsonl",
-                 "--test", f"{task}={data}/{task}.test.jsonl"]
-    args += ["--test", f"general={data}/general.jsonl"]
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        command += ["--data", f"{task}={data}/{task}.val.jsonl",
+                    "--test", f"{task}={data}/{task}.test.jsonl"]
+    command += ["--test", f"general={data}/general.jsonl"]
+    os.makedirs(out, exist_ok=True)
+    began = time.time()
+    with open(os.path.join(out, "tune.log"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     with open(result) as f:
-        return json.load(f)
+        out_json = json.load(f)
+    out_json["process_seconds"] = time.time() - began
+    with open(result, "w") as f:
+        json.dump(out_json, f)
+    return out_json
+
+
+def _keep(scores: dict) -> dict:
+    return {k: {m: v[m] for m in ("exact_each", "exact", "loss", "loss_each") if m in v}
+            for k, v in scores.items()}
+
+
+def static(t: dict) -> dict:
+    """What the tables need of the static tune: every candidate's validation scores,
+    the choice, and the test scores of everything tune scored on test (the choice,
+    each other method's best, the recipe as written)."""
+    tested = {t["test"]["candidate"]: _keep(t["test"]["scores"])}
+    for c in t["comparisons"]:
+        tested[c["other"]] = _keep(c["test_scores"])
+    rows = [{"candidate": r["candidate"], "method": r["method"], "settings": r["settings"],
+             "as_written": bool(r.get("as_written")), "error": r.get("error"),
+             "val": r["mean"], "val_scores": _keep(r["scores"]),
+             "form_seconds": r.get("form_seconds"), "score_seconds": r.get("score_seconds")}
+            for r in t["candidates"]]
+    return {"candidates": rows, "best": t["best"], "tested": tested,
+            "lambda_search": t["lambda_search"], "budget": t["budget"],
+            "gram_seconds": t["gram_seconds"], "seconds": t["process_seconds"]}
+
+
+def method_best(entry: dict, method: str) -> dict:
+    """A method's candidate chosen on validation (tune's rank: exact, then loss)."""
+    from mergekit_awd import evaluate
+
+    mine = [r for r in entry["static"]["candidates"] if r["method"] == method
+            and not r["as_written"] and not r["error"]]
+    return min(mine, key=lambda r: evaluate.rank(r["val"], "exact"))
 
 
 def score_folder(folder: str, data: str) -> dict:
@@ -119,36 +153,33 @@ def score_folder(folder: str, data: str) -> dict:
     return evaluate.score(tune_mod.load_model(folder), tasks)
 
 
-# learned coefficients (`tune --learn`), each from its method's static choice
-LEARNED = (("awd", "layer"), ("task_arithmetic", "layer"), ("awd", "model"),
-           ("task_arithmetic", "model"))
+# learned coefficients (`tune --learn KIND`), each from its method's static choice
+LEARNABLE = ("awd", "task_arithmetic")
 
 
 def learned(entry: dict, path: str, data: str, folder: str, method: str, kind: str,
             learn_args) -> dict:
-    """`tune --learn KIND` from the method's validation choice among its static runs:
-    the learned merge's test scores (scored once, whether or not tune keeps it)."""
-    import tables
-
-    start = tables.chosen(entry, method)["settings"]
-    lam = f"{start['lambda']:g}"
-    knob = ("keep-delta", f"{start['keep_delta']:g}") if method == "awd" else (None, None)
-    began = time.time()
-    t = tune(path, data, method, os.path.join(folder, f"{method}-learned-{kind}"),
-             (lam, *knob), extra=("--learn", kind, *learn_args))
+    """`tune --learn KIND` from the method's validation choice in the static tune: the
+    learned merge's test scores (scored once, whether or not tune keeps it)."""
+    start = method_best(entry, method)["settings"]
+    args = ["--methods", method, "--lambda", f"{start['lambda']:g}", "--learn", kind,
+            *learn_args]
+    if method in ("awd", "awd_ties"):
+        args += ["--keep-delta", f"{start['keep_delta']:g}"]
+    t = tune(path, data, os.path.join(folder, f"{method}-learned-{kind}"), args)
     (summary,) = t["learned"]
     kept = t["best_learned"] is not None
     test = t["test"] if kept else t["test_learned"][0]
     summary = {k: v for k, v in summary.items() if k != "history"} | {
         "held_out_path": [(h["step"], h["held_out"]) for h in summary["history"]]}
     return {"settings": {"from": t["candidates"][0]["candidate"]}, "summary": summary,
-            "kept_by_tune": kept, "process_seconds": time.time() - began,
-            "test": {k: {"exact_each": v["exact_each"], "exact": v["exact"],
-                         "loss": v["loss"]} for k, v in test["scores"].items()}}
+            "kept_by_tune": kept, "process_seconds": t["process_seconds"],
+            "test": _keep(test["scores"])}
 
 
 def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
-        learn_args=()) -> None:
+        learn_args=(), budget: int = 12, learned_kinds=("layer", "model"),
+        learn_seeds=None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -178,11 +209,10 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
     # regime (a) of every seed first: it is the one the README leads with
     order = [(seed, r) for r in ("a",) if r in regimes for seed in seeds] + [
         (seed, r) for seed in seeds for r in ("b-inst", "b-stage") if r in regimes]
-    for seed, regime in order:
+    def prepare(seed, regime):
         merge_base = stage if regime == "b-stage" else base
         models = fine_tunes("inst" if regime == "a" else "stage", seed)
-        key = f"{regime}/s{seed}"
-        entry = results.setdefault(key, {})
+        entry = results.setdefault(f"{regime}/s{seed}", {})
         folder = os.path.join(work, "tune", regime, f"s{seed}")
         os.makedirs(folder, exist_ok=True)
         path = recipe(merge_base, models, os.path.join(folder, "recipe.yml"))
@@ -193,43 +223,45 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
                     cache[m] = _exact(score_folder(m, data))
             entry["individual"] = {os.path.basename(m): cache[m] for m in models}
             entry["base"] = cache[merge_base]
-        for method in GRIDS:
-            for kind, grid in (("tuned", None), ("default", None)):
-                if f"{method}/{kind}" in entry:
-                    continue
-                if regime != "a" and (method, kind) in SKIP_IN_B:
-                    continue
-                if kind == "default":
-                    lam_, knob, _ = GRIDS[method]
-                    grid = (DEFAULTS["lambda"], knob, DEFAULTS.get(knob or "", None))
-                t = tune(path, data, method, os.path.join(folder, f"{method}-{kind}"), grid)
-                chosen = t["candidates"][t["best"]]
-                entry[f"{method}/{kind}"] = {
-                    "settings": chosen["settings"], "val": chosen["mean"],
-                    "val_by_lambda": [(c["settings"], c["mean"]) for c in t["candidates"]],
-                    "test": {k: {"exact_each": v["exact_each"], "exact": v["exact"],
-                                 "loss": v["loss"]} for k, v in t["test"]["scores"].items()},
-                }
-                with open(results_path, "w") as f:
-                    json.dump(results, f)
-                print(f"{key} {method}/{kind}: {chosen['candidate']} val "
-                      f"{chosen['mean']['exact']:.3f} test "
-                      f"{_task_mean(entry[f'{method}/{kind}']['test']):.3f} "
-                      f"({time.time() - start:.0f} s)", flush=True)
-        if regime != "a":
-            continue
-        for method, kind in LEARNED:
-            name = f"{method}/learned-{kind}"
-            if name in entry:
-                continue
-            entry[name] = learned(entry, path, data, folder, method, kind, learn_args)
-            with open(results_path, "w") as f:
-                json.dump(results, f)
-            s = entry[name]["summary"]
-            print(f"{key} {name}: kept step {s['step_kept']}, held-out "
-                  f"{s['held_out']['exact']:.3f} test {_task_mean(entry[name]['test']):.3f} "
-                  f"(fit {s['seconds']:.0f} s, peak {s['peak_rss_gib']:.1f} GiB; "
+        return entry, path, folder
+
+    def save():
+        with open(results_path, "w") as f:
+            json.dump(results, f)
+
+    # seed by seed: the static tune, then the learned fits (layer first); a run stopped
+    # early has whole seeds
+    for seed, regime in order:
+        entry, path, folder = prepare(seed, regime)
+        if "static" not in entry:
+            t = tune(path, data, os.path.join(folder, "static"),
+                     ["--methods", ",".join(METHODS), "--budget", str(budget),
+                      *STATIC_ARGS])
+            entry["static"] = static(t)
+            save()
+            st = entry["static"]
+            chosen = st["candidates"][st["best"]]
+            print(f"{regime}/s{seed} static: {chosen['candidate']} val "
+                  f"{chosen['val']['exact']:.3f} test "
+                  f"{_task_mean(st['tested'][chosen['candidate']]):.3f} "
+                  f"({len(st['candidates'])} candidates, {st['seconds']:.0f} s; "
                   f"{time.time() - start:.0f} s)", flush=True)
+        if learn_seeds is not None and seed not in learn_seeds:
+            continue
+        for kind in learned_kinds:
+            for method in LEARNABLE:
+                name = f"{method}/learned-{kind}"
+                if name in entry:
+                    continue
+                entry[name] = learned(entry, path, data, folder, method, kind, learn_args)
+                save()
+                s = entry[name]["summary"]
+                print(f"{regime}/s{seed} {name}: kept step {s['step_kept']}, held-out "
+                      f"{s['held_out']['exact']:.3f} test "
+                      f"{_task_mean(entry[name]['test']):.3f} (fit {s['seconds']:.0f} s, "
+                      f"peak {s['peak_rss_gib']:.1f} GiB, process "
+                      f"{entry[name]['process_seconds']:.0f} s; "
+                      f"{time.time() - start:.0f} s)", flush=True)
     print(f"done in {time.time() - start:.0f} s")
 
 
@@ -262,6 +294,12 @@ def main():
     parser.add_argument("--regimes", default="a", help="a, b-inst, b-stage (comma-separated)")
     parser.add_argument("--learn-args", default="",
                         help="extra `tune --learn` options, e.g. '--learn-steps 80'")
+    parser.add_argument("--budget", type=int, default=12,
+                        help="validation evaluations per method (tune --budget)")
+    parser.add_argument("--learned", default="layer,model",
+                        help="which --learn kinds to run from the static choices ('' for none)")
+    parser.add_argument("--learn-seeds", default=None,
+                        help="seeds that get the learned fits (default: every seed)")
     parser.add_argument("--tables", action="store_true")
     args = parser.parse_args()
     if args.tables:
@@ -270,7 +308,9 @@ def main():
         tables.main(os.path.join(args.work, "results.json"))
         return
     run(args.work, [int(s) for s in args.seeds.split(",")], args.steps, args.n, args.n_val,
-        tuple(args.regimes.split(",")), tuple(args.learn_args.split()))
+        tuple(args.regimes.split(",")), tuple(args.learn_args.split()), args.budget,
+        tuple(k for k in args.learned.split(",") if k),
+        None if args.learn_seeds is None else [int(x) for x in args.learn_seeds.split(",")])
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ REGIMES = {
     "b-stage": "(b) the same fine-tunes, base_model = the shared stage",
 }
 TASKS = tuple(make.TASKS)
-METHODS = ("task_arithmetic", "ties", "awd")
+METHODS = ("task_arithmetic", "ties", "awd", "awd_ties")
 # what the intervals resample: the test prompts of each task, and the seeds (a
-# resample of 1 or 2 seeds carries little of the fine-tunes' training randomness)
+# resample of 2 or 3 seeds carries little of the fine-tunes' training randomness)
 CI_HEAD = ("| comparison (test, points) | difference | 95% CI (bootstrap over test prompts "
            "and the {seeds} seed(s), paired) |")
 
@@ -39,26 +39,42 @@ def _test_mean(test):
     return 100 * sum(test[t]["exact"] for t in TASKS) / len(TASKS)
 
 
-def _matrix(entries, method):
-    """[seed][task][prompt] exact (0/1) of a method's chosen setting."""
-    return [[e[method]["test"][t]["exact_each"] for t in TASKS] for e in entries]
-
-
-def _key(result):
-    return (-result["val"]["exact"], result["val"]["loss"])
+def _rank(val):
+    return (-val["exact"], val["loss"])
 
 
 def chosen(entry, method):
-    """A method's setting chosen on validation among its 7 evaluations: the 6 of its
-    grid (the best of which `tune` chose) and its defaults (its defaults alone where
-    its grid was not run: TIES in regime b)."""
-    runs = [entry[k] for k in (f"{method}/tuned", f"{method}/default") if k in entry]
-    return min(runs, key=_key)
+    """A method's candidate chosen on validation in the static tune (tune's rank:
+    exact match, then loss), with its test scores."""
+    mine = [r for r in entry["static"]["candidates"] if r["method"] == method
+            and not r["as_written"] and not r["error"]]
+    best = min(mine, key=lambda r: _rank(r["val"]))
+    return dict(best, test=entry["static"]["tested"][best["candidate"]])
+
+
+def as_written(entry):
+    (row,) = [r for r in entry["static"]["candidates"] if r["as_written"]]
+    return dict(row, test=entry["static"]["tested"][row["candidate"]])
+
+
+def tune_choice(entry):
+    st = entry["static"]
+    row = st["candidates"][st["best"]]
+    return dict(row, test=st["tested"][row["candidate"]])
 
 
 def _choose(entry, methods):
-    """The method with the best validation exact (loss breaks ties) in one seed."""
-    return min(methods, key=lambda m: _key(chosen(entry, m)))
+    """The method with the best validation score (exact, then loss) in one seed."""
+    return min(methods, key=lambda m: _rank(chosen(entry, m)["val"]))
+
+
+def _each(test):
+    return [test[t]["exact_each"] for t in TASKS]
+
+
+def _settings(row):
+    return ", ".join(f"{k}={v:g}" for k, v in row["settings"].items() if v is not None) \
+        or "the recipe's"
 
 
 def bootstrap(a, b, n=2000, seed=0):
@@ -85,21 +101,18 @@ def bootstrap(a, b, n=2000, seed=0):
 
 
 def regime_table(results, regime):
-    keys = sorted(k for k in results if k.startswith(regime + "/s"))
-    # only seeds with every method tuned and at its defaults (a run still going
-    # or stopped early leaves a seed out, and the table says how many it has)
-    keys = [k for k in keys if all(f"{m}/default" in results[k] for m in METHODS)
-            and all(f"{m}/tuned" in results[k] for m in METHODS
-                    if regime == "a" or m != "ties")]
+    keys = sorted(k for k in results if k.startswith(regime + "/s") and "static" in results[k])
     entries = [results[k] for k in keys]
     if not entries:
         return ""
-    methods = list(METHODS)
+    n_test = len(entries[0]["base"][TASKS[0]]["exact_each"])
+    n_val = len(entries[0]["static"]["candidates"][0]["val_scores"][TASKS[0]]["exact_each"])
     lines = [f"#### {REGIMES[regime]}", "",
-             f"Seeds: {', '.join(k.split('/')[1] for k in keys)}; test: {len(entries[0][f'{methods[0]}/tuned']['test'][TASKS[0]]['exact_each'])} "
-             f"prompts per task. Exact match in points (mean over seeds; ± half the range "
-             f"over seeds); general = loss on the instruct model's own answers to {len(entries[0]['base']['general']['exact_each'])} "
-             f"general prompts (lower keeps more of it).", "",
+             f"Seeds: {', '.join(k.split('/')[1] for k in keys)}; validation: {n_val} prompts "
+             f"per task; test: {n_test} prompts per task. Exact match in points (mean over "
+             f"seeds; ± half the range over seeds); general = loss on the instruct model's "
+             f"own answers to {len(entries[0]['base']['general']['exact_each'])} general "
+             f"prompts (lower keeps more of it).", "",
              "| model / method | chosen on validation (per seed) | "
              + " | ".join(TASKS) + " | mean ± | general loss |",
              "|---|---|" + "---:|" * len(TASKS) + "---:|---:|"]
@@ -122,29 +135,39 @@ def regime_table(results, regime):
                  + f" | **{sum(own) / len(own):.1f}** ± {(max(own) - min(own)) / 2:.1f} | |")
     for ft in entries[0]["individual"]:
         row(f"fine-tune {ft} alone", [e["individual"][ft] for e in entries])
-    for kind in ("tuned", "default"):
-        for m in methods:
-            if kind == "tuned" and f"{m}/tuned" not in entries[0]:
-                continue  # only its defaults were run (the next block)
-            picks = [chosen(e, m) if kind == "tuned" else e[f"{m}/default"] for e in entries]
-            settings = "; ".join(", ".join(f"{k}={v:g}" for k, v in p["settings"].items())
-                                 for p in picks)
-            row(f"{m}" + (" (defaults)" if kind == "default" else ""),
-                [p["test"] for p in picks], settings)
+    for m in METHODS:
+        picks = [chosen(e, m) for e in entries]
+        row(m, [p["test"] for p in picks], "; ".join(_settings(p) for p in picks))
+    picks = [as_written(e) for e in entries]
+    row("awd as written (its defaults: lambda=1, keep_delta=0)", [p["test"] for p in picks])
+    picks = [tune_choice(e) for e in entries]
+    row("**tune's choice** (all four methods)", [p["test"] for p in picks],
+        "; ".join(p["candidate"] for p in picks))
     lines.append("")
-    builtins = [m for m in methods if m not in AWD]
-    awds = [m for m in methods if m in AWD]
+    builtins = [m for m in METHODS if m not in AWD]
+    awds = [m for m in METHODS if m in AWD]
     best_awd = [_choose(e, awds) for e in entries]
     best_builtin = [_choose(e, builtins) for e in entries]
 
     def pick(choice):
-        return [[chosen(e, c)["test"][t]["exact_each"] for t in TASKS]
-                for e, c in zip(entries, choice)]
+        return [_each(chosen(e, c)["test"]) for e, c in zip(entries, choice)]
 
+    def same(m):
+        return pick([m] * len(entries))
+
+    oracle = [max(_tested(e), key=lambda lbl: _test_mean(e["static"]["tested"][lbl]))
+              for e in entries]
     comparisons = [
         ("best awd-family vs best built-in", pick(best_awd), pick(best_builtin)),
-        ("best awd-family vs task_arithmetic", pick(best_awd),
-         pick(["task_arithmetic"] * len(entries))),
+        ("awd vs task_arithmetic", same("awd"), same("task_arithmetic")),
+        ("awd_ties vs ties (the paper's AWD + TIES)", same("awd_ties"), same("ties")),
+        *[(f"{m} vs tune's choice", same(m), [_each(tune_choice(e)["test"]) for e in entries])
+          for m in METHODS],
+        ("awd as written vs tune's choice", [_each(as_written(e)["test"]) for e in entries],
+         [_each(tune_choice(e)["test"]) for e in entries]),
+        ("tune's choice vs the test-best of the scored candidates",
+         [_each(tune_choice(e)["test"]) for e in entries],
+         [_each(e["static"]["tested"][o]) for e, o in zip(entries, oracle)]),
     ]
     lines.append(f"Chosen on validation per seed: best awd-family {best_awd}, best built-in "
                  f"{best_builtin}.")
@@ -155,22 +178,111 @@ def regime_table(results, regime):
         point, low, high = bootstrap(a, b)
         lines.append(f"| {name} | {point:+.1f} | [{low:+.1f}, {high:+.1f}] |")
     lines.append("")
-    lines += learned_tables(entries, methods, own)
+    lines += regret_table(entries, keys)
+    lines += cost_table(entries, keys)
+    lines += learned_tables(entries, own)
     return "\n".join(lines)
 
 
-def learned_tables(entries, methods, own):
+def _tested(entry):
+    """The candidates scored on test: tune's choice, each other method's best, the
+    recipe as written."""
+    return list(entry["static"]["tested"])
+
+
+def _val_mean(row, n):
+    """Validation exact and loss of a candidate on the first n prompts of each task."""
+    scores = row["val_scores"]
+    ex = sum(sum(scores[t]["exact_each"][:n]) / len(scores[t]["exact_each"][:n])
+             for t in TASKS) / len(TASKS)
+    lo = sum(sum(scores[t]["loss_each"][:n]) / len(scores[t]["loss_each"][:n])
+             for t in TASKS) / len(TASKS)
+    return {"exact": ex, "loss": lo}
+
+
+def regret_table(entries, keys, sizes=(25, 50, 100)):
+    """Regret of choosing on n validation prompts per task: the test-best of the
+    candidates scored on test (the oracle) minus the test score of the candidate
+    the first n validation prompts choose among the same ones."""
+    n_val = len(entries[0]["static"]["candidates"][0]["val_scores"][TASKS[0]]["exact_each"])
+    sizes = [n for n in sizes if n <= n_val]
+    lines = ["Regret (test points the choice leaves behind): among the candidates tune "
+             "scored on test (each method's validation best and the recipe as written), "
+             "the test-best minus the one that the first n validation prompts per task "
+             "choose (exact, then loss). At n = "
+             f"{n_val} this is tune's own choice.", "",
+             "| seed | oracle (test-best) | " + " | ".join(f"n = {n}: choice, regret"
+                                                         for n in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    totals = {n: [] for n in sizes}
+    for key, e in zip(keys, entries):
+        rows = {r["candidate"]: r for r in e["static"]["candidates"]}
+        tested = _tested(e)
+        test = {lbl: _test_mean(e["static"]["tested"][lbl]) for lbl in tested}
+        oracle = max(tested, key=lambda lbl: test[lbl])
+        cells = []
+        for n in sizes:
+            pick = min(tested, key=lambda lbl: _rank(_val_mean(rows[lbl], n)))
+            totals[n].append(test[oracle] - test[pick])
+            cells.append(f"{pick} ({test[pick]:.1f}), {test[oracle] - test[pick]:.1f}")
+        lines.append(f"| {key.split('/')[1]} | {oracle} ({test[oracle]:.1f}) | "
+                     + " | ".join(cells) + " |")
+    lines.append("| mean regret | | " + " | ".join(
+        f"{sum(v) / len(v):.1f}" for v in totals.values()) + " |")
+    lines.append("")
+    return lines
+
+
+def cost_table(entries, keys):
+    """What the static tune cost, per seed."""
+    lines = ["The static tune (one `mergekit-awd tune` process per seed, 2 cores):", "",
+             "| seed | candidates (per method) | process s | Gram pass s | form s, first "
+             "lambda of a setting (median) | form s, later lambdas (median) | score s "
+             "(median) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for key, e in zip(keys, entries):
+        st = e["static"]
+        rows = [r for r in st["candidates"] if not r["error"]]
+        per = {}
+        for r in rows:
+            per[r["method"]] = per.get(r["method"], 0) + 1
+        first, later, seen = [], [], set()
+        for r in rows:
+            setting = (r["method"],) + tuple(sorted((k, v) for k, v in r["settings"].items()
+                                                    if k != "lambda"))
+            (later if setting in seen else first).append(r["form_seconds"])
+            seen.add(setting)
+        lines.append(f"| {key.split('/')[1]} | {len(rows)} ("
+                     + ", ".join(f"{m} {c}" for m, c in per.items()) + f") | "
+                     f"{st['seconds']:.0f} | {st['gram_seconds'] or 0:.1f} | "
+                     f"{_median(first):.1f} | {_median(later):.2f} | "
+                     f"{_median([r['score_seconds'] for r in rows]):.1f} |")
+    lines.append("")
+    return lines
+
+
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def learned_tables(entries, own):
     """Rows and comparisons of the learned merges (`tune --learn`), where run."""
     names = [f"{m}/learned-{k}" for k in ("layer", "model") for m in ("awd", "task_arithmetic")]
-    names = [n for n in names if all(n in e for e in entries)]
+    have = [e for e in entries if any(n in e for n in names)]
+    names = [n for n in names if have and all(n in e for e in have)]
     if not names:
         return []
-    lines = ["Learned coefficients (`mergekit-awd tune --learn`, fitted on 75 of the 100 "
-             "validation prompts per task, the step kept on the other 25, test scored once):",
+    entries = have
+    lines = [f"Learned coefficients (`mergekit-awd tune --learn`, from each method's static "
+             f"choice; fitted on 75% of the validation prompts of each task, the step kept "
+             f"on the other 25%, test scored once), seeds with every learned row: "
+             f"{len(entries)}:",
              "",
              "| learned merge | started from (per seed) | kept step (per seed) | " + " | ".join(TASKS)
-             + " | mean ± | % of the fine-tunes | general loss | fit s | peak GiB |",
-             "|---|---|---|" + "---:|" * len(TASKS) + "---:|---:|---:|---:|---:|"]
+             + " | mean ± | % of the fine-tunes | general loss | fit s | process s | peak GiB |",
+             "|---|---|---|" + "---:|" * len(TASKS) + "---:|---:|---:|---:|---:|---:|"]
+    own = [100 * sum(e["individual"][t][t]["exact"] for t in TASKS) / len(TASKS)
+           for e in entries]
     own_mean = sum(own) / len(own)
     for name in names:
         runs = [e[name] for e in entries]
@@ -180,6 +292,7 @@ def learned_tables(entries, methods, own):
         mean = sum(means) / len(means)
         general = sum(t["general"]["loss"] for t in tests) / len(tests)
         secs = sum(r["summary"]["seconds"] for r in runs) / len(runs)
+        proc = sum(r["process_seconds"] for r in runs) / len(runs)
         peak = max(r["summary"]["peak_rss_gib"] for r in runs)
         label = name.replace("/learned-", " learned per ")
         lines.append(
@@ -187,22 +300,21 @@ def learned_tables(entries, methods, own):
             + ", ".join(f"{r['summary']['step_kept']}/{r['summary']['steps']}" for r in runs)
             + " | " + " | ".join(f"{v:.1f}" for v in per_task)
             + f" | **{mean:.1f}** ± {(max(means) - min(means)) / 2:.1f} | "
-            f"{100 * mean / own_mean:.0f}% | {general:.3f} | {secs:.0f} | {peak:.1f} |")
+            f"{100 * mean / own_mean:.0f}% | {general:.3f} | {secs:.0f} | {proc:.0f} | "
+            f"{peak:.1f} |")
     lines.append("")
-    static = [min(methods, key=lambda m: _key(chosen(e, m))) for e in entries]
-    best_static = [[chosen(e, m)["test"][t]["exact_each"] for t in TASKS]
-                   for e, m in zip(entries, static)]
-    best_pct = sum(_test_mean(chosen(e, m)["test"]) for e, m in zip(entries, static)) / len(
-        entries)
-    lines.append(f"Best static method per seed, chosen on validation: {static} "
-                 f"(test {best_pct:.1f}, {100 * best_pct / own_mean:.0f}% of the fine-tunes' "
-                 f"{own_mean:.1f}).")
+    choice = [tune_choice(e) for e in entries]
+    best_static = [_each(c["test"]) for c in choice]
+    best_pct = sum(_test_mean(c["test"]) for c in choice) / len(entries)
+    lines.append(f"Best static merge per seed, tune's choice on validation: "
+                 f"{[c['candidate'] for c in choice]} (test {best_pct:.1f}, "
+                 f"{100 * best_pct / own_mean:.0f}% of the fine-tunes' {own_mean:.1f}).")
     lines.append("")
     lines.append(CI_HEAD.format(seeds=len(entries)))
     lines.append("|---|---:|---|")
 
     def each(name):
-        return [[e[name]["test"][t]["exact_each"] for t in TASKS] for e in entries]
+        return [_each(e[name]["test"]) for e in entries]
 
     for name in names:
         point, low, high = bootstrap(each(name), best_static)
@@ -219,28 +331,29 @@ def learned_tables(entries, methods, own):
 
 
 def lambda_picture(results, regime, path):
-    """Validation exact vs lambda (best over the other knob, mean over seeds)."""
+    """Validation exact vs lambda (best over the other knobs, mean over seeds), every
+    lambda the search tried."""
     from mergekit_awd import report
 
-    keys = sorted(k for k in results if k.startswith(regime + "/s")
-                  and all(f"{m}/default" in results[k] for m in METHODS))
+    keys = sorted(k for k in results if k.startswith(regime + "/s") and "static" in results[k])
     series = {}
     for k in keys:
-        for name, value in results[k].items():
-            if "/" not in name or name.split("/")[1] not in ("tuned", "default"):
+        best = {}
+        for r in results[k]["static"]["candidates"]:
+            if r["as_written"] or r["error"]:
                 continue
-            method = name.split("/")[0]
-            best = {}
-            for settings, means in value["val_by_lambda"]:
-                lam = settings["lambda"]
-                best[lam] = max(best.get(lam, -1.0), 100 * means["exact"])
+            lam = r["settings"]["lambda"]
+            pts = best.setdefault(r["method"], {})
+            pts[lam] = max(pts.get(lam, -1.0), 100 * r["val"]["exact"])
+        for method, pts in best.items():
             acc = series.setdefault(method, {})
-            for lam, v in best.items():
+            for lam, v in pts.items():
                 acc.setdefault(lam, []).append(v)
     data = {m: sorted((lam, sum(v) / len(v)) for lam, v in pts.items())
             for m, pts in series.items()}
     with open(path, "w") as f:
-        f.write(report.lines_svg(data, f"SmolLM2 regime {regime}: validation exact vs lambda",
+        f.write(report.lines_svg(data, f"SmolLM2 regime {regime}: validation exact vs lambda "
+                                       f"(every lambda searched)",
                                  "lambda", "mean exact match (points)"))
 
 
