@@ -133,15 +133,6 @@ def static(t: dict) -> dict:
             "gram_seconds": t["gram_seconds"], "seconds": t["process_seconds"]}
 
 
-def method_best(entry: dict, method: str) -> dict:
-    """A method's candidate chosen on validation (tune's rank: exact, then loss)."""
-    from mergekit_awd import evaluate
-
-    mine = [r for r in entry["static"]["candidates"] if r["method"] == method
-            and not r["as_written"] and not r["error"]]
-    return min(mine, key=lambda r: evaluate.rank(r["val"], "exact"))
-
-
 def score_folder(folder: str, data: str) -> dict:
     from transformers import AutoTokenizer
 
@@ -161,10 +152,12 @@ def learned(entry: dict, path: str, data: str, folder: str, method: str, kind: s
             learn_args) -> dict:
     """`tune --learn KIND` from the method's validation choice in the static tune: the
     learned merge's test scores (scored once, whether or not tune keeps it)."""
-    start = method_best(entry, method)["settings"]
+    import tables
+
+    start = tables.chosen(entry, method)["settings"]
     args = ["--methods", method, "--lambda", f"{start['lambda']:g}", "--learn", kind,
             *learn_args]
-    if method in ("awd", "awd_ties"):
+    if "keep_delta" in start:
         args += ["--keep-delta", f"{start['keep_delta']:g}"]
     t = tune(path, data, os.path.join(folder, f"{method}-learned-{kind}"), args)
     (summary,) = t["learned"]
@@ -220,7 +213,7 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
             cache = results.setdefault("folders", {})
             for m in [*models, merge_base]:
                 if m not in cache:
-                    cache[m] = _exact(score_folder(m, data))
+                    cache[m] = _keep(score_folder(m, data))
             entry["individual"] = {os.path.basename(m): cache[m] for m in models}
             entry["base"] = cache[merge_base]
         return entry, path, folder
@@ -273,11 +266,6 @@ def _trim_val(data: str, n_val: int) -> None:
             lines = f.readlines()
         with open(path, "w") as f:
             f.writelines(lines[:n_val])
-
-
-def _exact(scores: dict) -> dict:
-    return {k: {"exact_each": v["exact_each"], "exact": v["exact"], "loss": v["loss"]}
-            for k, v in scores.items()}
 
 
 def _task_mean(test: dict) -> float:

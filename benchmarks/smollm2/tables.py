@@ -40,7 +40,10 @@ def _test_mean(test):
 
 
 def _rank(val):
-    return (-val["exact"], val["loss"])
+    """tune's own rank on exact match (loss breaks ties, NaN last)."""
+    from mergekit_awd import evaluate
+
+    return evaluate.rank(val, "exact")
 
 
 def chosen(entry, method):
