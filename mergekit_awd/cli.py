@@ -326,10 +326,11 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         learning.objective = learning.objective or "loss"
     test_tasks = evaluate.load_tasks(test, tokenizer, base_path) if test else []
     end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    scorer = evaluate.Scorer(metric, end_ids, max_new_tokens, batch_tokens)
     device = options.device or "cpu"
     # the model that scores in-process (none where nothing is scored in-process)
     model = None if eval_cmd else tune.load_model(base_path, device, revision, remote)
+    scorer = evaluate.Scorer(metric, end_ids, max_new_tokens, batch_tokens,
+                             model is not None and evaluate.prefix_agrees(model, tasks))
     limit = int(max_memory * 2**30) if max_memory else tune.default_max_memory()
     former = tune.Former(config, options, limit, model, in_memory=eval_cmd is None)
     if learning is not None:
@@ -457,6 +458,7 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         "recipe": config.to_yaml(), "metric": metric_name, "form": (
             "in memory" if former.in_memory else "on disk"),
         "gram_seconds": former.gram_seconds, "candidates": rows, "best": best,
+        "shared_prefix_scoring": scorer.share_prefix,
         "interrupted": interrupted, "random_seed": tune.seed_of(options),
         "lambda_search": searches, "budget": budget if searched else None,
         "comparisons": [],

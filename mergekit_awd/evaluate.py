@@ -17,7 +17,9 @@ generate:
   ending in a space), that completion is tokenized alone and a warning says how
   many examples of the file did so.
 
-Scores, per task, from one teacher-forced forward pass per batch:
+Scores, per task, from one teacher-forced forward pass per batch (with
+``share_prefix``, the prompts' shared prefix passes once and every row reuses its
+key/value cache: ``_passes``):
 
 - ``exact``: the fraction of examples whose greedy answer is exactly the
   completion followed by the end-of-sequence token. Greedy decoding picks the
@@ -225,9 +227,10 @@ def rows_of(examples: Sequence[Tuple[List[int], List[int]]], device):
     return ids.to(device), mask.to(device)
 
 
-def answer_logits(logits: torch.Tensor, examples) -> List[torch.Tensor]:
-    """Per row, the logits that predict its answer's tokens (len(answer) x vocab)."""
-    return [logits[row, len(p) - 1:len(p) + len(a) - 1]
+def answer_logits(logits: torch.Tensor, examples, start: int = 0) -> List[torch.Tensor]:
+    """Per row, the logits that predict its answer's tokens (len(answer) x vocab);
+    ``logits`` hold the positions from ``start`` on (``_passes`` keeps only those)."""
+    return [logits[row, len(p) - 1 - start:len(p) + len(a) - 1 - start]
             for row, (p, a) in enumerate(examples)]
 
 
@@ -236,20 +239,20 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def nll_each(logits: torch.Tensor, examples) -> torch.Tensor:
+def nll_each(logits: torch.Tensor, examples, start: int = 0) -> torch.Tensor:
     """Per row, the mean negative log-likelihood of its answer (differentiable)."""
     out = []
-    for picked, (_, answer) in zip(answer_logits(logits, examples), examples):
+    for picked, (_, answer) in zip(answer_logits(logits, examples, start), examples):
         target = torch.tensor(answer, device=picked.device)
         out.append(torch.nn.functional.cross_entropy(_wide(picked), target))
     return torch.stack(out)
 
 
-def entropy_each(logits: torch.Tensor, examples) -> torch.Tensor:
+def entropy_each(logits: torch.Tensor, examples, start: int = 0) -> torch.Tensor:
     """Per row, the mean entropy (nats) of the next-token distributions that predict
     its answer's tokens (differentiable)."""
     out = []
-    for picked in answer_logits(logits, examples):
+    for picked in answer_logits(logits, examples, start):
         logp = torch.log_softmax(_wide(picked), dim=-1)
         out.append(-(logp.exp() * logp).sum(-1).mean())
     return torch.stack(out)
@@ -266,11 +269,97 @@ def _chunks(examples, batch_tokens: int):
         yield chunk
 
 
+def shared_prefix(examples) -> int:
+    """How many leading tokens every prompt shares, leaving each prompt at least its
+    last token (whose logits predict the answer's first)."""
+    first = examples[0][0]
+    most = min(len(p) for p, _ in examples) - 1
+    for i in range(max(most, 0)):
+        if any(p[i] != first[i] for p, _ in examples):
+            return i
+    return max(most, 0)
+
+
+def _forward_takes(model, name: str) -> bool:
+    """Whether the model's forward takes ``name`` (``logits_to_keep``: the head runs
+    on the last positions only; the key/value cache is ``cache`` in transformers 5,
+    ``past_key_values`` before)."""
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def _passes(model, examples, batch_tokens: int, share_prefix: bool):
+    """Teacher-forced passes over ``examples`` in batches of about ``batch_tokens``:
+    (indices, rows, logits, start) per batch, ``answer_logits(logits, rows, start)``
+    being each row's answer logits.
+
+    ``share_prefix``: the prompts' shared prefix (``shared_prefix``; a chat
+    template's system turn) passes once, and every row attends to its key/value
+    cache instead of recomputing it; the head runs only from the first position
+    that predicts an answer token on. The same function of the weights, in about
+    half the work on chat prompts; ``prefix_agrees`` checks it on the model first."""
+    import copy
+
+    device = next(model.parameters()).device
+    cut, cache = (shared_prefix(examples), None) if share_prefix else (0, None)
+    name = "cache" if _forward_takes(model, "cache") else "past_key_values"
+    if cut:
+        out = model(input_ids=torch.tensor([examples[0][0][:cut]], device=device),
+                    use_cache=True)
+        cache = getattr(out, name)
+    trimmed = [(p[cut:], a) for p, a in examples]
+    keep = share_prefix and _forward_takes(model, "logits_to_keep")
+    for chunk in _chunks(trimmed, batch_tokens):
+        rows = [trimmed[i] for i in chunk]
+        ids, mask = rows_of(rows, device)
+        extra, start = {}, 0
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(rows))
+            mask = torch.cat([mask.new_ones((len(rows), cut)), mask], 1)
+            extra[name] = past
+        if keep:
+            start = min(len(p) for p, _ in rows) - 1
+            extra["logits_to_keep"] = ids.shape[1] - start
+        yield chunk, rows, model(input_ids=ids, attention_mask=mask, **extra).logits, start
+
+
 @torch.no_grad()
-def score(model, tasks: Sequence[Task], batch_tokens: int = 4096) -> Dict[str, Dict]:
+def prefix_agrees(model, tasks: Sequence[Task], rows: int = 8, tol: float = 1e-3) -> bool:
+    """Whether ``_passes`` with ``share_prefix`` gives this model the answer
+    log-probabilities of full passes (within ``tol``, float32 rounding) on the first
+    ``rows`` examples of the first task. False where they differ or the model's
+    cache cannot be reused that way (an error): it is then scored by full passes."""
+    # any answer tokens compare the two passes; prompts alone answer with their start
+    examples = [(p, a or p[:4]) for p, a in next((t.examples[:rows] for t in tasks
+                                                  if t.examples), [])]
+    if not examples:
+        return False
+
+    def logprobs(share):
+        out = [None] * len(examples)
+        for chunk, part, logits, start in _passes(model, examples, 1 << 30, share):
+            for i, picked in zip(chunk, answer_logits(logits, part, start)):
+                out[i] = torch.log_softmax(_wide(picked), dim=-1)
+        return out
+
+    try:
+        fast = logprobs(True)
+    except Exception as error:  # an architecture whose cache is not reusable so
+        LOG.info("scoring by full passes: reusing the prompt prefix failed (%s)", error)
+        return False
+    gap = max(float((a - b).abs().max()) for a, b in zip(logprobs(False), fast))
+    if gap > tol:
+        LOG.info("scoring by full passes: the shared-prefix pass differs by %.2g", gap)
+    return gap <= tol
+
+
+@torch.no_grad()
+def score(model, tasks: Sequence[Task], batch_tokens: int = 4096,
+          share_prefix: bool = False) -> Dict[str, Dict]:
     """Per task: ``exact`` (greedy answer == completion) and ``loss`` (mean NLL), with
     the value of each example (``exact_each``, ``loss_each``)."""
-    device = next(model.parameters()).device
     out = {}
     for task in tasks:
         examples = task.examples
@@ -279,12 +368,11 @@ def score(model, tasks: Sequence[Task], batch_tokens: int = 4096) -> Dict[str, D
                                f"example; score prompts alone with --metric entropy")
         exact = [0.0] * len(examples)
         loss = [0.0] * len(examples)
-        for chunk in _chunks(examples, batch_tokens):
-            rows = [examples[i] for i in chunk]
-            logits = model(*rows_of(rows, device)).logits
-            nll = nll_each(logits, rows)
-            for row, (i, picked) in enumerate(zip(chunk, answer_logits(logits, rows))):
-                target = torch.tensor(rows[row][1], device=device)
+        for chunk, rows, logits, start in _passes(model, examples, batch_tokens,
+                                                  share_prefix):
+            nll = nll_each(logits, rows, start)
+            for row, (i, picked) in enumerate(zip(chunk, answer_logits(logits, rows, start))):
+                target = torch.tensor(rows[row][1], device=picked.device)
                 loss[i] = float(nll[row])
                 exact[i] = float(bool((picked.argmax(-1) == target).all()))
         n = len(examples)
@@ -324,20 +412,20 @@ def greedy_answers(model, prompts: Sequence[List[int]], end_ids: Sequence[int],
 
 @torch.no_grad()
 def self_entropy(model, tasks: Sequence[Task], end_ids: Sequence[int],
-                 max_new_tokens: int = 64, batch_tokens: int = 4096) -> Dict[str, Dict]:
+                 max_new_tokens: int = 64, batch_tokens: int = 4096,
+                 share_prefix: bool = False) -> Dict[str, Dict]:
     """Per task: ``entropy``, the mean over prompts of ``entropy_each``: the mean
     entropy of the next-token distributions over the model's own greedy answer
     (AdaMerging's objective; lower is more confident). Completions are ignored."""
-    device = next(model.parameters()).device
     out = {}
     for task in tasks:
         prompts = [p for p, _ in task.examples]
         answers = greedy_answers(model, prompts, end_ids, max_new_tokens)
         examples = [(p, a) for p, a in zip(prompts, answers)]
         each = [0.0] * len(examples)
-        for chunk in _chunks(examples, batch_tokens):
-            rows = [examples[i] for i in chunk]
-            values = entropy_each(model(*rows_of(rows, device)).logits, rows)
+        for chunk, rows, logits, start in _passes(model, examples, batch_tokens,
+                                                  share_prefix):
+            values = entropy_each(logits, rows, start)
             for i, v in zip(chunk, values.tolist()):
                 each[i] = v
         out[task.name] = {"entropy": sum(each) / len(each), "entropy_each": each,
@@ -364,9 +452,11 @@ def rank(means: Dict[str, float], metric: str) -> tuple:
 class Scorer:
     """The built-in scores of one metric family on a loaded model."""
 
-    def __init__(self, metric: str, end_ids, max_new_tokens: int, batch_tokens: int):
+    def __init__(self, metric: str, end_ids, max_new_tokens: int, batch_tokens: int,
+                 share_prefix: bool = False):
         self.metric, self.end_ids = metric, list(end_ids)
         self.max_new_tokens, self.batch_tokens = max_new_tokens, batch_tokens
+        self.share_prefix = share_prefix  # prefix_agrees on the scoring model
 
     @property
     def names(self):
@@ -375,8 +465,8 @@ class Scorer:
     def scores(self, model, tasks) -> Dict:
         if self.metric == "entropy":
             return self_entropy(model, tasks, self.end_ids, self.max_new_tokens,
-                                         self.batch_tokens)
-        return score(model, tasks, self.batch_tokens)
+                                self.batch_tokens, self.share_prefix)
+        return score(model, tasks, self.batch_tokens, self.share_prefix)
 
     def means(self, scores: Dict) -> Dict[str, float]:
         return {m: mean(scores, m) for m in self.names}

@@ -194,7 +194,8 @@ def test_known_gram_is_not_used_for_other_solver_settings(example, tmp_path, mon
     assert rep["parameters"]["alpha"] == 0.01
 
 
-def test_teacher_forced_exact_is_greedy_generation(example):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_teacher_forced_exact_is_greedy_generation(example, share_prefix):
     from transformers import AutoTokenizer
 
     from mergekit_awd import evaluate, tune
@@ -203,7 +204,8 @@ def test_teacher_forced_exact_is_greedy_generation(example):
     tokenizer = AutoTokenizer.from_pretrained(paths["sort"])
     tasks = evaluate.load_tasks([data["sort.val"], data["add.val"]], tokenizer, "m")
     model = tune.load_model(paths["sort"])
-    scores = evaluate.score(model, tasks, batch_tokens=64)
+    assert evaluate.shared_prefix(tasks[0].examples) > 0  # the prefix is really shared
+    scores = evaluate.score(model, tasks, batch_tokens=64, share_prefix=share_prefix)
     seen = set()
     for task in tasks:
         for (prompt, answer), got in zip(task.examples, scores[task.name]["exact_each"]):

@@ -202,6 +202,10 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
     # regime (a) of every seed first: it is the one the README leads with
     order = [(seed, r) for r in ("a",) if r in regimes for seed in seeds] + [
         (seed, r) for seed in seeds for r in ("b-inst", "b-stage") if r in regimes]
+    def save():
+        with open(results_path, "w") as f:
+            json.dump(results, f)
+
     def prepare(seed, regime):
         merge_base = stage if regime == "b-stage" else base
         models = fine_tunes("inst" if regime == "a" else "stage", seed)
@@ -216,11 +220,8 @@ def run(work: str, seeds, steps: int, n: int, n_val: int, regimes=("a",),
                     cache[m] = _keep(score_folder(m, data))
             entry["individual"] = {os.path.basename(m): cache[m] for m in models}
             entry["base"] = cache[merge_base]
+            save()
         return entry, path, folder
-
-    def save():
-        with open(results_path, "w") as f:
-            json.dump(results, f)
 
     # seed by seed: the static tune, then the learned fits (layer first); a run stopped
     # early has whole seeds
