@@ -273,11 +273,11 @@ def shared_prefix(examples) -> int:
     """How many leading tokens every prompt shares, leaving each prompt at least its
     last token (whose logits predict the answer's first)."""
     first = examples[0][0]
-    most = min(len(p) for p, _ in examples) - 1
-    for i in range(max(most, 0)):
+    most = max(min(len(p) for p, _ in examples) - 1, 0)
+    for i in range(most):
         if any(p[i] != first[i] for p, _ in examples):
             return i
-    return max(most, 0)
+    return most
 
 
 def _forward_takes(model, name: str) -> bool:
@@ -302,9 +302,10 @@ def _passes(model, examples, batch_tokens: int, share_prefix: bool):
     import copy
 
     device = next(model.parameters()).device
-    cut, cache = (shared_prefix(examples), None) if share_prefix else (0, None)
-    name = "cache" if _forward_takes(model, "cache") else "past_key_values"
+    cut = shared_prefix(examples) if share_prefix else 0
+    cache = None
     if cut:
+        name = "cache" if _forward_takes(model, "cache") else "past_key_values"
         out = model(input_ids=torch.tensor([examples[0][0][:cut]], device=device),
                     use_cache=True)
         cache = getattr(out, name)
