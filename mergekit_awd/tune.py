@@ -452,6 +452,10 @@ class Former:
             return cast(*self._formed(candidate, cfg))
         lam = candidate.overrides()["lambda"]
         key = line_key(candidate)
+        if (self.line is not None and self.line[0] != key
+                and self.line[1] is not None and shifted_key(key) is not None
+                and shifted_key(key) == shifted_key(self.line[0])):
+            self._shift_line(candidate)  # another keep_delta: the same D, f'(0) moved
         if self.line is None or self.line[0] != key:  # a new setting
             cfg = candidate_config(self.config, candidate)
             tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
@@ -473,6 +477,28 @@ class Former:
         t = lam / lam1
         return cast(self._plus_base({n: torch.lerp(zero[n], one[n], t) for n in one}, tasks),
                     tasks, out_dtype)
+
+    def _shift_line(self, candidate: Candidate) -> None:
+        """Move the line just formed to ``candidate``'s keep_delta (an AWD method,
+        every other knob the same): keep_delta adds keep_delta * delta, and delta
+        does not depend on it (the solve has no keep_delta), so the new line is the
+        old one moved by f'_new(0) - f'_old(0), both formed by the cheap
+        ``zero_of``: awd_ties' TIES combination is not formed again."""
+        cfg = candidate_config(self.config, candidate)
+        tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
+        if not self._wide(tasks, cfg.out_dtype):
+            return
+        _, (lam1, one, _, _), zero = self.line
+        if zero is None:
+            old = dataclasses.replace(candidate, values=tuple(
+                kv for kv in self.line[0][1] if kv[0] != "lambda") + (("lambda", lam1),))
+            zero = self._formed(zero_of(old), deltas=True)[0]
+        moved = self._formed(zero_of(candidate), deltas=True)[0]
+        if not set(zero) == set(moved) == set(one):
+            return
+        self.line = [line_key(candidate),
+                     (lam1, {n: one[n] + (moved[n] - zero[n]) for n in one}, tasks,
+                      cfg.out_dtype), moved]
 
     def _wide(self, tasks, out_dtype: Optional[str]) -> bool:
         """Every input of ``tasks`` (as read: after ``dtype:``) and every written
@@ -530,6 +556,15 @@ def scalable(candidate: Candidate) -> bool:
 def line_key(candidate: Candidate) -> tuple:
     """The candidate's setting apart from lambda: one line f0 + lambda * D."""
     return candidate.method, tuple(kv for kv in candidate.values if kv[0] != "lambda")
+
+
+def shifted_key(key: tuple) -> Optional[tuple]:
+    """An AWD line's setting apart from keep_delta (lines that share it share D:
+    ``Former._shift_line``); None for other methods."""
+    method, values = key
+    if method not in AWD_METHODS:
+        return None
+    return method, tuple(kv for kv in values if kv[0] != "keep_delta")
 
 
 def zero_of(candidate: Candidate) -> Candidate:

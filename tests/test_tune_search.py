@@ -242,6 +242,57 @@ def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method,
             assert err < 1e-5, (lam, name, err)
 
 
+@pytest.mark.parametrize("method, scope_, first", [
+    ("awd_ties", "global", (0.5, 1.3)),
+    ("awd_ties", "global", (0.5,)),                      # f'(0) of keep_delta 0 not formed yet
+    ("awd", "tensor", (0.5, 1.3)),
+])
+def test_another_keep_delta_reuses_the_line(example, tmp_path, method, scope_, first):
+    """keep_delta adds keep_delta * delta, which does not depend on it: a setting that
+    differs only in keep_delta is the line just formed, moved; its TIES combination is
+    not formed again, and it is mergekit-yaml's merge."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_awd import tune
+
+    _, paths, data, recipe = example
+    recipe = _copy(recipe)
+    recipe["parameters"]["scope"] = scope_
+    config = MergeConfiguration.model_validate(recipe)
+    model = tune.load_model(recipe["base_model"])
+    former = tune.Former(config, MergeOptions(quiet=True), 2**40, model, in_memory=True)
+    extra = (("density", 0.6),) if method == "awd_ties" else ()
+
+    def cand(lam, keep_delta):
+        return tune.Candidate(method, (("lambda", lam), ("alpha", 0.01),
+                                       ("keep_delta", keep_delta)) + extra)
+
+    former.prepare([cand(0.5, 0.0)])
+    calls = []
+    full = former._formed
+    former._formed = lambda c, cfg=None, deltas=False: calls.append(c) or full(c, cfg, deltas)
+    for lam in first:
+        former.form(cand(lam, 0.0))
+    formed = {lam: former.form(cand(lam, 1.0)) for lam in (0.8, 1.3)}
+    # past the first lambda of keep_delta 0, only the cheap f'(0)s (awd at lambda 0)
+    assert calls[0] == cand(first[0], 0.0)
+    assert all(c.method == "awd" and c.overrides()["lambda"] == 0 for c in calls[1:])
+    assert len(calls) == 3
+
+    base = reference.load(paths["base"])
+    for lam, tensors in formed.items():
+        written = tune.candidate_config(config, cand(lam, 1.0))
+        out = tmp_path / f"merged{lam}"
+        mergekit_yaml(yaml.safe_load(written.to_yaml()), out)
+        merged = reference.load(str(out))
+        assert set(tensors) == set(merged)
+        for name, tensor in merged.items():
+            moved = (tensor.double() - base[name].double()).norm()
+            err = (tensors[name].double() - tensor.double()).norm() / max(float(moved), 1e-12)
+            assert err < 1e-5, (lam, name, err)
+
+
 def test_sixteen_bit_candidates_are_formed_in_full_at_every_lambda(example):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
