@@ -184,12 +184,13 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "to choose")
 @click.option("--methods", default=None,
               help="comma-separated merge methods to compare (default: the recipe's, "
-                   "task_arithmetic, ties; with --learn: the recipe's if it can be "
-                   "learned, and task_arithmetic)")
+                   "task_arithmetic, ties, awd, awd_ties; with --learn: the recipe's if "
+                   "it can be learned, and task_arithmetic)")
 @_knob_options
 @click.option("--budget", type=int, default=None,
               help=f"evaluations per method for the lambda search when --lambda is not "
-                   f"given (default {tune.DEFAULT_BUDGET})")
+                   f"given, shared by the method's settings (default: "
+                   f"{tune.PER_SETTING} per setting)")
 @click.option("--metric", type=click.Choice(["exact", "loss", "entropy"]), default=None,
               help="the score that chooses: exact match of the greedy answer (higher is "
                    "better), mean completion loss or, for prompts without completions, "
@@ -252,14 +253,14 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
               knobs={p.name: knobs[p.name] for p in params.TUNABLE}, metric=metric,
               eval_cmd=eval_cmd, out_dir=out_dir, merge_to=merge_to, max_memory=max_memory,
               batch_tokens=batch_tokens, learning=learning, max_new_tokens=max_new_tokens,
-              budget=tune.DEFAULT_BUDGET if budget is None else budget)
+              budget=budget)
     except (evaluate.AWDDataError, AWDParameterError) as error:
         raise click.ClickException(str(error))
 
 
 def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_dir,
           merge_to, max_memory, batch_tokens, learning=None, max_new_tokens=64,
-          budget=tune.DEFAULT_BUDGET):
+          budget=None):
     import json
     import shlex
     import subprocess
@@ -461,6 +462,7 @@ def _tune(config, options, *, data, test, methods, knobs, metric, eval_cmd, out_
         "shared_prefix_scoring": scorer.share_prefix,
         "interrupted": interrupted, "random_seed": tune.seed_of(options),
         "lambda_search": searches, "budget": budget if searched else None,
+        "budget_per_setting": {m: per for m, _, per in plan if per is not None},
         "comparisons": [],
     }
     rivals = tune.rivals(rows, candidates, best, metric_name, config)

@@ -329,3 +329,23 @@ def test_a_budget_too_small_for_the_coarse_grid_is_one_line(example, tmp_path):
     assert ("--budget 8 is too small for awd: 2 setting(s) of its other knobs x the 5 "
             "coarse lambda values need 10") in result.output
     assert not (tmp_path / "t").exists()
+
+
+def test_the_default_budget_is_per_setting():
+    """Without --budget each setting of a method's other knobs gets PER_SETTING
+    evaluations (two keep_delta values: twice the evaluations, never refused);
+    --budget N caps the method, shared by its settings."""
+    from mergekit_awd import params, tune
+
+    values = {p.name: [None] for p in params.TUNABLE}
+    values.update({"lambda": [0.25, 0.5, 0.75, 1.0, 1.5], "alpha": [0.001],
+                   "keep_delta": [0.0, 1.0], "density": [0.5]})
+    per = {m: p for m, _, p in tune.plan(["awd", "task_arithmetic"], values, True, None)}
+    assert per == {"awd": 6, "task_arithmetic": 6}
+    per = {m: p for m, _, p in tune.plan(["awd", "task_arithmetic"], values, True, 12)}
+    assert per == {"awd": 6, "task_arithmetic": 12}
+    assert "6 evaluations per setting" in tune.plan_line(
+        tune.plan(["awd"], values, True, None), True, None)
+    # the search stops at the budget: the coarse grid and one step
+    path = tune.search_lambda(lambda lam: (-lam,), [0.25, 0.5, 0.75, 1.0, 1.5], 6)
+    assert [p for p, _ in path] == [0.25, 0.5, 0.75, 1.0, 1.5, 3.0]
