@@ -134,9 +134,10 @@ def advice(cosine: float, delta_relative: float) -> Optional[str]:
         f"{delta_relative:.2f} of the RMS task vector): the fine-tunes share a "
         f"component (a shared stage such as instruction tuning, or shared training "
         f"data) that AWD removes from every model. If it is knowledge to keep, merge "
-        f"with the shared checkpoint as base_model (on the SmolLM2 benchmark every "
-        f"method scored 7-9 points more that way), or compare keep_delta: 1 with "
-        f"keep_delta: 0 on held-out data (mergekit-awd tune --keep-delta 0,1)."
+        f"with the shared checkpoint as base_model (on the SmolLM2 benchmark task "
+        f"arithmetic, awd and TIES scored 6-21 points more that way), or compare "
+        f"keep_delta: 1 with keep_delta: 0 on held-out data (mergekit-awd tune "
+        f"--keep-delta 0,1)."
     )
 
 

@@ -707,7 +707,8 @@ RESOLUTION = 0.05  # refine until both neighbours of the best lambda are within 
 # coarse grid and one step (an extension at an edge, else one refinement). In the
 # SmolLM2 benchmark a budget of 12 chose the same method in every seed, TIES at a
 # test score 0.2 points lower on average and task arithmetic 1.4 higher
-# (benchmarks/smollm2/budget.py); at 6 the default tune fits 10 minutes there.
+# (benchmarks/smollm2/budget.py); at 6 the default tune took 8 min 54 s there (25
+# candidates, 400 prompts, 2 cores; docs/benchmarks.md).
 PER_SETTING = 6
 
 
