@@ -191,6 +191,42 @@ def test_tune_finds_the_best_lambda_outside_the_default_grid(example, tmp_path):
 # -- every lambda of a setting for one scaled add -------------------------------------
 
 
+def _counted_former(example, scope_):
+    """(config, base model path, a Former of the example recipe at ``scope_``, the
+    candidates it forms in full, in order)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_awd import tune
+
+    _, paths, _, recipe = example
+    recipe = _copy(recipe)
+    recipe["parameters"]["scope"] = scope_
+    config = MergeConfiguration.model_validate(recipe)
+    model = tune.load_model(recipe["base_model"])
+    former = tune.Former(config, MergeOptions(quiet=True), 2**40, model, in_memory=True)
+    calls = []
+    full = former._formed
+    former._formed = lambda c, cfg=None, deltas=False: calls.append(c) or full(c, cfg, deltas)
+    return config, paths["base"], former, calls
+
+
+def _assert_mergekit_yaml(config, base_path, candidate, tensors, out):
+    """``tensors`` are what mergekit-yaml writes for ``candidate`` (to 1e-5 of each
+    tensor's move from the base)."""
+    from mergekit_awd import tune
+
+    written = tune.candidate_config(config, candidate)
+    mergekit_yaml(yaml.safe_load(written.to_yaml()), out)
+    merged = reference.load(str(out))
+    base = reference.load(base_path)
+    assert set(tensors) == set(merged)
+    for name, tensor in merged.items():
+        moved = (tensor.double() - base[name].double()).norm()
+        err = (tensors[name].double() - tensor.double()).norm() / max(float(moved), 1e-12)
+        assert err < 1e-5, (candidate.label, name, err)
+
+
 @pytest.mark.parametrize("method, scope_, extra", [
     ("task_arithmetic", "global", {}),
     ("ties", "global", {"density": 0.5}),
@@ -201,17 +237,9 @@ def test_tune_finds_the_best_lambda_outside_the_default_grid(example, tmp_path):
 ])
 def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method, scope_,
                                                       extra):
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
     from mergekit_awd import tune
 
-    _, paths, data, recipe = example
-    recipe = _copy(recipe)
-    recipe["parameters"]["scope"] = scope_
-    config = MergeConfiguration.model_validate(recipe)
-    model = tune.load_model(recipe["base_model"])
-    former = tune.Former(config, MergeOptions(quiet=True), 2**40, model, in_memory=True)
+    config, base_path, former, calls = _counted_former(example, scope_)
     knobs = {"alpha": 0.01, **extra} if method.startswith("awd") else extra
 
     def cand(lam):
@@ -219,9 +247,6 @@ def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method,
         return tune.Candidate(method, tuple(values))
 
     former.prepare([cand(0.5)])
-    calls = []
-    full = former._formed
-    former._formed = lambda c, cfg=None, deltas=False: calls.append(c) or full(c, cfg, deltas)
     former.form(cand(0.5))
     formed = former.form(cand(1.3))  # the second lambda of this setting: scaled
     assert [c.method for c in calls] == [method, tune.zero_of(cand(1.3)).method]
@@ -230,16 +255,7 @@ def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method,
     assert len(calls) == 2
 
     for lam, tensors in ((1.3, formed), (0.8, formed_again)):
-        written = tune.candidate_config(config, cand(lam))
-        out = tmp_path / f"merged{lam}"
-        mergekit_yaml(yaml.safe_load(written.to_yaml()), out)
-        merged = reference.load(str(out))
-        base = reference.load(paths["base"])
-        assert set(tensors) == set(merged)
-        for name, tensor in merged.items():
-            moved = (tensor.double() - base[name].double()).norm()
-            err = (tensors[name].double() - tensor.double()).norm() / max(float(moved), 1e-12)
-            assert err < 1e-5, (lam, name, err)
+        _assert_mergekit_yaml(config, base_path, cand(lam), tensors, tmp_path / f"m{lam}")
 
 
 @pytest.mark.parametrize("method, scope_, first", [
@@ -251,17 +267,9 @@ def test_another_keep_delta_reuses_the_line(example, tmp_path, method, scope_, f
     """keep_delta adds keep_delta * delta, which does not depend on it: a setting that
     differs only in keep_delta is the line just formed, moved; its TIES combination is
     not formed again, and it is mergekit-yaml's merge."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
     from mergekit_awd import tune
 
-    _, paths, data, recipe = example
-    recipe = _copy(recipe)
-    recipe["parameters"]["scope"] = scope_
-    config = MergeConfiguration.model_validate(recipe)
-    model = tune.load_model(recipe["base_model"])
-    former = tune.Former(config, MergeOptions(quiet=True), 2**40, model, in_memory=True)
+    config, base_path, former, calls = _counted_former(example, scope_)
     extra = (("density", 0.6),) if method == "awd_ties" else ()
 
     def cand(lam, keep_delta):
@@ -269,9 +277,6 @@ def test_another_keep_delta_reuses_the_line(example, tmp_path, method, scope_, f
                                        ("keep_delta", keep_delta)) + extra)
 
     former.prepare([cand(0.5, 0.0)])
-    calls = []
-    full = former._formed
-    former._formed = lambda c, cfg=None, deltas=False: calls.append(c) or full(c, cfg, deltas)
     for lam in first:
         former.form(cand(lam, 0.0))
     formed = {lam: former.form(cand(lam, 1.0)) for lam in (0.8, 1.3)}
@@ -280,17 +285,9 @@ def test_another_keep_delta_reuses_the_line(example, tmp_path, method, scope_, f
     assert all(c.method == "awd" and c.overrides()["lambda"] == 0 for c in calls[1:])
     assert len(calls) == 3
 
-    base = reference.load(paths["base"])
     for lam, tensors in formed.items():
-        written = tune.candidate_config(config, cand(lam, 1.0))
-        out = tmp_path / f"merged{lam}"
-        mergekit_yaml(yaml.safe_load(written.to_yaml()), out)
-        merged = reference.load(str(out))
-        assert set(tensors) == set(merged)
-        for name, tensor in merged.items():
-            moved = (tensor.double() - base[name].double()).norm()
-            err = (tensors[name].double() - tensor.double()).norm() / max(float(moved), 1e-12)
-            assert err < 1e-5, (lam, name, err)
+        _assert_mergekit_yaml(config, base_path, cand(lam, 1.0), tensors,
+                              tmp_path / f"m{lam}")
 
 
 def test_sixteen_bit_candidates_are_formed_in_full_at_every_lambda(example):
