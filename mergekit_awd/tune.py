@@ -455,9 +455,9 @@ class Former:
             return cast(*self._formed(candidate, cfg))
         lam = candidate.overrides()["lambda"]
         key = line_key(candidate)
-        if (self.line is not None and self.line[0] != key
-                and self.line[1] is not None and shifted_key(key) is not None
-                and shifted_key(key) == shifted_key(self.line[0])):
+        shifted = shifted_key(key)
+        if (self.line is not None and self.line[0] != key and self.line[1] is not None
+                and shifted is not None and shifted == shifted_key(self.line[0])):
             self._shift_line(candidate)  # another keep_delta: the same D, f'(0) moved
         if self.line is None or self.line[0] != key:  # a new setting
             cfg = candidate_config(self.config, candidate)
@@ -486,11 +486,10 @@ class Former:
         every other knob the same): keep_delta adds keep_delta * delta, and delta
         does not depend on it (the solve has no keep_delta), so the new line is the
         old one moved by f'_new(0) - f'_old(0), both formed by the cheap
-        ``zero_of``: awd_ties' TIES combination is not formed again."""
+        ``zero_of``: awd_ties' TIES combination is not formed again. (The old line
+        passed ``_wide``; keep_delta changes no dtype, so the new one does too.)"""
         cfg = candidate_config(self.config, candidate)
         tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
-        if not self._wide(tasks, cfg.out_dtype):
-            return
         _, (lam1, one, _, _), zero = self.line
         if zero is None:
             old = dataclasses.replace(candidate, values=tuple(

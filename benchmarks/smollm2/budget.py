@@ -82,29 +82,21 @@ def score_missing(work, entry, wanted, cache):
 
 
 def tabulate(work, results, cache):
-    """entry -> (method, budget) -> (lambda, validation exact, test exact or None)."""
+    """entry -> (method, budget) -> (lambda, validation exact, per task the test exact
+    match of each prompt, or None where the choice was not scored on test)."""
     table = {}
     for entry in sorted(k for k in results if k.startswith("a/")):
         t = json.load(open(os.path.join(work, "tune", *entry.split("/"), "static",
                                         "tune.json")))
-        tested = {k: _mean({x: v[x]["exact_each"] for x in TASKS})
-                  for k, v in results[entry]["static"]["tested"].items()}
         table[entry] = {}
         for method, by_budget in picks(t).items():
             for b, (lam, row) in by_budget.items():
-                label = row["candidate"]
-                test = tested.get(label)
-                if test is None and f"{entry}|{label}" in cache:
-                    test = _mean(cache[f"{entry}|{label}"]["test"])
-                table[entry][(method, b)] = (lam, row["mean"]["exact"], test)
-                each[(entry, method, b)] = _each(results[entry], cache, entry, label)
+                table[entry][(method, b)] = (lam, row["mean"]["exact"], _test_each(
+                    results[entry], cache, entry, row["candidate"]))
     return table
 
 
-each: dict = {}
-
-
-def _each(entry_results, cache, entry, label):
+def _test_each(entry_results, cache, entry, label):
     """Per task, the test exact match of each prompt (None: not scored)."""
     tested = entry_results["static"]["tested"].get(label)
     if tested is not None:
@@ -113,23 +105,20 @@ def _each(entry_results, cache, entry, label):
     return hit["test"] if hit else None
 
 
-def interval(method, low, high):
+def interval(table, method, low, high):
     """Test of budget ``high`` minus budget ``low`` for ``method``, paired per prompt,
     mean over seeds x tasks, with a 95% bootstrap interval resampling prompts within
     each (seed, task): the seeds' own randomness is not in it."""
     from mergekit_awd import evaluate
 
     a, b = {}, {}
-    for (entry, m, budget), value in each.items():
-        if m != method or value is None:
+    for entry, row in table.items():
+        hi, lo = row[(method, high)][2], row[(method, low)][2]
+        if hi is None or lo is None:
             continue
         for t in TASKS:
-            if budget == high:
-                a[f"{entry}/{t}"] = value[t]
-            if budget == low:
-                b[f"{entry}/{t}"] = value[t]
-    keys = sorted(set(a) & set(b))
-    return evaluate.paired_interval({k: a[k] for k in keys}, {k: b[k] for k in keys})
+            a[f"{entry}/{t}"], b[f"{entry}/{t}"] = hi[t], lo[t]
+    return evaluate.paired_interval({k: a[k] for k in sorted(a)}, {k: b[k] for k in sorted(b)})
 
 
 def main():
@@ -143,8 +132,8 @@ def main():
     table = tabulate(args.work, results, cache)
     if args.score:
         for entry, row in table.items():
-            missing = sorted({(m, lam) for (m, _), (lam, _, test) in row.items()
-                              if test is None})
+            missing = sorted({(m, lam) for (m, _), (lam, _, each) in row.items()
+                              if each is None})
             if missing:
                 score_missing(args.work, entry, missing, cache)
                 with open(cache_path, "w") as f:
@@ -159,13 +148,13 @@ def main():
         for m in METHODS:
             cells = []
             for b in BUDGETS:
-                lam, val, test = row[(m, b)]
+                lam, val, each = row[(m, b)]
                 cells.append(f"{lam:g}, {100 * val:.2f}, "
-                             + ("?" if test is None else f"{100 * test:.2f}"))
+                             + ("?" if each is None else f"{100 * _mean(each):.2f}"))
             print(f"| {entry} | {m} | " + " | ".join(cells) + " |")
             lo, hi = row[(m, BUDGETS[0])][2], row[(m, BUDGETS[-1])][2]
             if lo is not None and hi is not None:
-                gains[m].append(100 * (hi - lo))
+                gains[m].append(100 * (_mean(hi) - _mean(lo)))
     for m, g in gains.items():
         if g:
             print(f"\n{m}: test at budget {BUDGETS[-1]} - at budget {BUDGETS[0]}: "
@@ -173,7 +162,7 @@ def main():
     print()
     for m in METHODS:
         for low in (6, 8):
-            d, lo, hi = interval(m, low, BUDGETS[-1])
+            d, lo, hi = interval(table, m, low, BUDGETS[-1])
             print(f"- {m}, budget {BUDGETS[-1]} - budget {low} on test: {100 * d:+.2f} "
                   f"[{100 * lo:+.2f}, {100 * hi:+.2f}] (95% CI, prompts resampled within "
                   f"seed x task)")
