@@ -30,7 +30,7 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
-from mergekit_awd import context, guards, mergekit_run, params, report, scope, solver
+from mergekit_awd import context, data_free, guards, mergekit_run, params, report, scope, solver
 from mergekit_awd.params import Settings
 from mergekit_awd.selection import is_selected, layer_weight_names
 
@@ -49,11 +49,11 @@ class AWDMerge(GroupMergeMethod):
         from mergekit import merge_methods
 
         self.combine_with = combine_with
-        self.declared = params.COMMON + (
-            params.SPARSIFY if combine_with != "task_arithmetic" else ())
         theirs = {p.name: p for p in merge_methods.get(combine_with).spec.parameters}
+        self.declared = combined_parameters(combine_with, theirs)
         self.defaults = {p.name: theirs[p.name].default for p in self.declared
-                         if p.name in theirs and not theirs[p.name].required}
+                         if p.name in theirs and not theirs[p.name].required
+                         and theirs[p.name].default is not None}
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,
@@ -172,11 +172,14 @@ class AWDMerge(GroupMergeMethod):
         elif self.combine_with == "task_arithmetic" and s.optimizer == "sgd":
             w, _ = self._solution(group, name, model_ids, s, run, None)
             return awd_affine(w, s)
+        why = ("optimizer: adam's delta is not in their span"
+               if self.combine_with == "task_arithmetic"
+               else f"{self.combine_with}'s SVD or optimisation depends on the weights"
+               if self.combine_with in data_free.RULES
+               else "TIES's sign election depends on the weights")
         raise params.AWDParameterError(
             f"{self.spec.name} (tensor {name}): the merge is not a weighted sum of "
-            f"task vectors ("
-            + ("TIES's sign election depends on the weights" if self.combine_with != "task_arithmetic"
-               else "optimizer: adam's delta is not in their span") + ")")
+            f"task vectors ({why})")
 
     def _merge(self, group: TensorGroup, p: dict, run) -> torch.Tensor:
         base = group.base.tensor
@@ -198,6 +201,8 @@ class AWDMerge(GroupMergeMethod):
             "nothing to disentangle (delta = 0), so this is task arithmetic. "
             "AWD needs two or more fine-tuned models.",
         )
+        if self.combine_with in data_free.RULES:  # lambda 1 is their published default
+            return
         warning = report.lambda_warning(self.spec.name, s.lam, s.weights, s.normalize,
                                         explicit="lambda" in s.given)
         run.warn_once_if(warning is not None, warning)
@@ -207,7 +212,8 @@ class AWDMerge(GroupMergeMethod):
         if s.others == "base":  # the fine-tunes are not used, but NaN/Inf in them refused
             guards.refuse_nonfinite_inputs(group.metadata.name, group)
             return group.base.tensor
-        return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s)
+        return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s,
+                              group.metadata)
 
     def _disentangled(self, group, name, model_ids, s: Settings, run):
         """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
@@ -223,7 +229,7 @@ class AWDMerge(GroupMergeMethod):
             return solver.combination(base, inputs, awd_coefficients(w, s), dtype)
         if taus is None:
             taus = solver.task_vectors(base, inputs, dtype)
-        return self._combine(base.to(dtype), taus, w, delta, s)
+        return self._combine(base.to(dtype), taus, w, delta, s, group.metadata)
 
     def _solution(self, group, name, model_ids, s: Settings, run, taus):
         """(w, delta) of this tensor's scope: the global solve, or its own."""
@@ -236,20 +242,23 @@ class AWDMerge(GroupMergeMethod):
             model_ids, s, [name], G, group.base.tensor.numel(), [taus])
         return solution.w, solution.delta[0] if solution.delta is not None else None
 
-    def _combine(self, base, taus, w, delta, s: Settings) -> torch.Tensor:
+    def _combine(self, base, taus, w, delta, s: Settings, metadata) -> torch.Tensor:
         """base + the (TIES-/DARE-) combination of tau_k - delta (+ keep_delta * delta)."""
         if self.combine_with == "task_arithmetic":
             return awd_task_arithmetic(base, taus, delta, s)
         if w is not None:
             delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
         hat = taus - delta.to(taus.device, taus.dtype) if delta is not None else taus
-        merged = base + self._mergekit(torch.zeros_like(base), list(hat.unbind(0)), s)
+        merged = base + self._mergekit(torch.zeros_like(base), list(hat.unbind(0)), s,
+                                       metadata)
         if delta is not None and s.keep_delta:
             merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
         return merged
 
-    def _mergekit(self, base: torch.Tensor, tensors: List[torch.Tensor], s: Settings):
-        """mergekit's own task_arithmetic / ties / dare_ties on these inputs.
+    def _mergekit(self, base: torch.Tensor, tensors: List[torch.Tensor], s: Settings,
+                  metadata):
+        """mergekit's own task_arithmetic / ties / dare_ties on these inputs, or a
+        data-free rule (``data_free.py``, with the tensor's name and vocabulary axis).
 
         In float32 at least: mergekit's methods compute in the inputs' dtype, and
         bf16 task vectors (differences of nearby bf16 numbers) lose most of their bits.
@@ -258,10 +267,27 @@ class AWDMerge(GroupMergeMethod):
 
         from mergekit import merge_methods
 
+        if self.combine_with in data_free.RULES:
+            dtype = solver.compute_dtype(base)
+            taus = data_free.weighted(solver.task_vectors(base, tensors, dtype), s.weights)
+            return base.to(dtype) + s.lam * data_free.merged_delta(
+                self.combine_with, taus, s, metadata.name, metadata.vocabulary_axis)
+
         theirs = {p.name for p in merge_methods.get(self.combine_with).spec.parameters}
         parameters = {p.name: s.value(p.name) for p in self.declared if p.name in theirs}
         return merge_tensors([base, *tensors], self.combine_with, parameters=parameters,
                              base_index=0, dtype=solver.compute_dtype(base))
+
+
+def combined_parameters(combine_with: str, theirs) -> tuple:
+    """AWD's parameters, and those of the method combining the disentangled vectors
+    (TIES's / DARE's sparsification, a data-free rule's knobs); normalize only where
+    that method has it."""
+    if combine_with in data_free.RULES:
+        common = tuple(p for p in params.COMMON if p.name != "normalize")
+        return common + tuple(p for p in data_free.declared(combine_with)
+                              if p not in params.COMMON)
+    return params.COMMON + (params.SPARSIFY if combine_with != "task_arithmetic" else ())
 
 
 def awd_coefficients(w: np.ndarray, s: Settings) -> torch.Tensor:

@@ -92,6 +92,10 @@ class Parameter:
         """The pydantic type mergekit validates the recipe's value with: one line
         naming the parameter, the value and what is allowed. ``None`` passes: it is
         what mergekit hands over for a parameter the recipe does not set."""
+        return self.typed("awd")
+
+    def typed(self, method: str):
+        """``type``, its message naming ``method``'s parameter."""
         base_type, expect, check = self.kind
         adapter, name = TypeAdapter(base_type), self.name
 
@@ -104,7 +108,7 @@ class Parameter:
                 converted = None
             if converted is None or not check(converted):
                 raise AWDParameterError(
-                    f"awd parameter '{name}' must be {expect}; got {value!r}")
+                    f"{method} parameter '{name}' must be {expect}; got {value!r}")
             return converted
 
         return Annotated[base_type, PlainValidator(validate)]
@@ -159,7 +163,33 @@ SPARSIFY = (
               "store the sign-consensus mask as int8"),
 )
 
-DECLARED = COMMON + SPARSIFY
+
+
+def _valid_exclude(value: str) -> bool:
+    return value in ("none", "vocabulary") or _valid_select(value)
+
+
+# The data-free per-tensor merges (``data_free.py``, ``spectral.py``): their knobs, with
+# the published defaults (FusionBench 0.2.33's reference code and configs).
+DATA_FREE = (
+    Parameter("exclude", _kind(str, "'none', 'vocabulary' or a valid regular expression "
+                                    "on tensor names", _valid_exclude), "none",
+              "matrices averaged instead of merged by the rule: none, vocabulary "
+              "(embeddings and LM head), or a regex on names"),
+    Parameter("common_space_fraction", _kind(float, "a number in [0, 1]",
+                                             lambda v: _finite(v) and 0 <= v <= 1), 0.8,
+              "iso_cts: share of the singular directions taken from the sum"),
+    Parameter("wudi_steps", _kind(int, "an integer >= 0", lambda v: v >= 0), 300,
+              "wudi: Adam steps (the paper's code: 300; FusionBench's config: 400)"),
+    Parameter("wudi_lr", _kind(float, "a finite number > 0",
+                                  lambda v: _finite(v) and v > 0), 1e-5,
+              "wudi: Adam's learning rate, in the task vectors' own units"),
+)
+# each data-free rule's own knobs (besides weight, lambda and exclude)
+RULE_KNOBS = {"tsv": (), "iso_c": (), "iso_cts": ("common_space_fraction",),
+              "wudi": ("wudi_steps", "wudi_lr")}
+
+DECLARED = COMMON + SPARSIFY + DATA_FREE
 TUNABLE = tuple(p for p in DECLARED if p.tune is not None)
 
 
@@ -231,7 +261,7 @@ class _SettingsMethods:
     def public(self) -> dict:
         """The shared parameters under their recipe names (for the report and card)."""
         return {d.name: getattr(self, d.field) for d in DECLARED
-                if not d.per_model and (d in COMMON or self.densities is not None)}
+                if not d.per_model and getattr(self, d.field) is not None}
 
 
 Settings = make_dataclass(

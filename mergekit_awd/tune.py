@@ -52,9 +52,13 @@ SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_t
 # - awd: base + keep_delta * delta + lambda * sum_k weight_k (tau_k - delta); awd_ties:
 #   the same with mergekit's TIES of tau_k - delta, delta independent of lambda (the
 #   solve has no lambda); f(0) = base + keep_delta * delta, awd's at lambda = 0.
+# - the data-free rules (tsv, iso_c, iso_cts, wudi: data_free.py): base + lambda *
+#   RULE(tau), RULE without lambda; f(0) = base. Their AWD variants: base + keep_delta *
+#   delta + lambda * RULE(tau - delta), as awd_ties.
 # The randomized methods are linear too, but formed by run_merge (RANDOMIZED).
+DATA_FREE = ("tsv", "iso_c", "iso_cts", "wudi")
 LINEAR_IN_LAMBDA = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "awd",
-                    "awd_ties")
+                    "awd_ties", *DATA_FREE, *(f"awd_{m}" for m in DATA_FREE))
 
 
 @dataclass(frozen=True)

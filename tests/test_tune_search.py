@@ -234,6 +234,10 @@ def _assert_mergekit_yaml(config, base_path, candidate, tensors, out):
     ("awd", "global", {"keep_delta": 1.0}),
     ("awd", "tensor", {}),
     ("awd_ties", "global", {"keep_delta": 1.0, "density": 0.6}),
+    ("tsv", "global", {}),
+    ("iso_cts", "global", {}),
+    ("wudi", "global", {}),
+    ("awd_iso_c", "global", {"keep_delta": 1.0}),
 ])
 def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method, scope_,
                                                       extra):

@@ -1,0 +1,152 @@
+"""The data-free per-tensor merges `tsv`, `iso_c`, `iso_cts` and `wudi` as mergekit methods.
+
+Merged tensor, with tau_i = input_i - base and weight_i its per-model weight
+(default 1):
+
+    a matrix (2-D; a 3-D tensor is a stack of matrices, e.g. fused MoE experts,
+    each merged on its own), unless ``exclude`` names it:
+        base + lambda * RULE(weight_1 tau_1, ..., weight_T tau_T)   (``spectral.py``)
+    anything else (norms, biases), and excluded matrices:
+        base + lambda * mean_i(weight_i tau_i)
+
+as FusionBench 0.2.33's reference code does it (every 2-D tensor by the rule,
+embeddings and head included; the others averaged), with ``lambda`` the final
+scale (default 1, the published one). ``exclude: vocabulary`` averages the
+tensors that mergekit's architecture gives a vocabulary axis (embeddings, LM
+head), a regular expression the tensors whose names it matches. One tensor at a
+time, on the device mergekit computes on (``--cuda``): 70B merges stream as any
+mergekit merge.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit_awd import context, guards, params, solver, spectral
+from mergekit_awd.params import Settings
+
+RULES = {
+    "tsv": ("Task Singular Vectors (TSV-M)", "https://arxiv.org/abs/2412.00081"),
+    "iso_c": ("Isotropic merging in common subspace (Iso-C)",
+              "https://arxiv.org/abs/2502.04959"),
+    "iso_cts": ("Isotropic merging in common and task-specific subspaces (Iso-CTS)",
+                "https://arxiv.org/abs/2502.04959"),
+    "wudi": ("Whoever Started the Interference Should End It (WUDI)",
+             "https://arxiv.org/abs/2503.08099"),
+}
+SHARED = ("weight", "lambda", "exclude")  # every rule's parameters, besides its own
+
+
+def declared(rule: str) -> tuple:
+    """The parameters of ``rule``, declared once in params.py."""
+    return tuple(params.declared(n) for n in SHARED + params.RULE_KNOBS[rule])
+
+
+def is_matrix(tensor: torch.Tensor) -> bool:
+    """What the rule merges: a matrix, or a stack of them (3-D)."""
+    return tensor.ndim in (2, 3)
+
+
+def excluded(exclude: str, name: Optional[str], vocabulary_axis: Optional[int]) -> bool:
+    """The `exclude` rule for one tensor."""
+    if exclude == "none":
+        return False
+    if exclude == "vocabulary":
+        return vocabulary_axis is not None
+    return name is not None and re.search(exclude, name) is not None
+
+
+def apply_rule(rule: str, taus: torch.Tensor, s: Settings) -> torch.Tensor:
+    """RULE of one matrix's stacked task vectors (T x m x n)."""
+    if rule == "tsv":
+        return spectral.tsv_m(taus)
+    if rule == "iso_c":
+        return spectral.iso_c(taus)
+    if rule == "iso_cts":
+        return spectral.iso_cts(taus, s.common_space_fraction)
+    if rule == "wudi":
+        return spectral.wudi(taus, s.wudi_steps, s.wudi_lr)
+    raise ValueError(f"unknown data-free rule {rule!r}")
+
+
+def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str],
+                 vocabulary_axis: Optional[int]) -> torch.Tensor:
+    """The merged task vector (before lambda) of one tensor's stacked, weighted task
+    vectors ``taus`` (T x shape)."""
+    if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
+        return spectral.average(taus)
+    if taus.ndim == 3:
+        return apply_rule(rule, taus, s)
+    return torch.stack([apply_rule(rule, taus[:, e], s) for e in range(taus.shape[1])])
+
+
+def weighted(taus: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """weight_i tau_i (in place; the weights' product rounded once)."""
+    if any(w != 1.0 for w in weights):
+        w = torch.tensor(weights, dtype=taus.dtype, device=taus.device)
+        taus.mul_(w.reshape(-1, *([1] * (taus.ndim - 1))))
+    return taus
+
+
+class DataFreeMerge(GroupMergeMethod):
+    """One of the data-free per-tensor rules (``RULES``) as a mergekit method."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self.declared = declared(rule)
+        pretty, url = RULES[rule]
+        self.spec = MergeMethodSpec(
+            name=rule,
+            pretty_name=pretty,
+            reference_url=url,
+            parameters=tuple(
+                ParameterSpec(p.name, p.typed(rule),
+                              ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
+                              default=None, description=p.description)
+                for p in self.declared),
+            contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
+        )
+
+    def validate_inputs(self, input_ids: Sequence[Any], base_id: Optional[Any] = None, *,
+                        group_name: Optional[str] = None) -> None:
+        run = context.current()
+        if run is not None:
+            guards.refuse_output_among_inputs(run.out_path, input_ids)
+            guards.refuse_unknown_parameters(self.spec, run.config)
+        try:
+            super().validate_inputs(input_ids, base_id, group_name=group_name)
+        except ValueError as error:
+            if base_id is None or base_id not in input_ids:
+                raise ValueError(
+                    f"{error}. {self.rule} needs base_model: the pretrained model the "
+                    f"fine-tunes started from (task vectors are fine-tune minus base). "
+                    f"Add 'base_model: <path or hub id>' to the recipe.") from error
+            raise
+
+    def merge_group(self, group: TensorGroup, /, **p: Any) -> torch.Tensor:
+        base = group.base.tensor
+        if not group.non_base or not base.is_floating_point():
+            return base
+        s = Settings.of(p, tuple(e.id for e in group.non_base))
+        dtype = solver.compute_dtype(base)
+        taus = weighted(solver.task_vectors(base, [e.tensor for e in group.non_base], dtype),
+                        s.weights)
+        name = group.metadata.name
+        if not torch.isfinite(taus).all():
+            guards.settle_nonfinite(name or "<unnamed>", group, taus.sum(dim=0))
+            taus = torch.nan_to_num(taus, nan=0.0, posinf=0.0, neginf=0.0)
+        delta = merged_delta(self.rule, taus, s, name, group.metadata.vocabulary_axis)
+        result = base.to(dtype) + s.lam * delta
+        return guards.settle_nonfinite(name or "<unnamed>", group, result).to(base.dtype)

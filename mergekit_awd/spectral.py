@@ -1,0 +1,163 @@
+"""The data-free per-tensor merges of 2025, as pure functions of one matrix's task vectors.
+
+Each rule takes the (weighted) task vectors of one weight matrix stacked as
+``taus`` (T x m x n, float32 or float64) and returns the merged task vector
+M (m x n); the kernel (``data_free.py``) adds ``base + lambda * M``. The
+algorithms are those of FusionBench 0.2.33's reference code, cited per rule;
+where that code's result depends on how LAPACK picks singular vectors for a zero
+singular value (a task vector that is zero on the tensor, or of low rank, as
+a LoRA fine-tune's is), the directions that carry nothing are left out here, so
+the result is defined (equal to the reference wherever the reference's is).
+
+    k = min(m, n); svd(X) = U diag(s) Vh with k triplets, s descending.
+    polar(A) = U Vh of A's thin SVD: the nearest matrix with orthonormal columns
+    (rows, for a wide A), the "orthogonal Procrustes" step of TSV-M and Iso-CTS.
+
+Null directions: a singular triplet with s <= s_1 * max(m, n) * eps(dtype)
+(numpy's matrix_rank rule) is numerically zero; its vectors are arbitrary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _svd(x: torch.Tensor):
+    return torch.linalg.svd(x, full_matrices=False)
+
+
+def rank_cut(s: torch.Tensor, shape) -> int:
+    """How many of the descending singular values ``s`` are not numerically zero."""
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return 0
+    tol = float(s[0]) * max(shape) * torch.finfo(s.dtype).eps
+    return int((s > tol).sum())
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor of ``a`` (U Vh of its thin SVD)."""
+    if a.shape[-1] == 0 or a.shape[-2] == 0:
+        return a.clone()
+    u, _, vh = _svd(a)
+    return u @ vh
+
+
+def recombine(us, ss, vhs) -> torch.Tensor:
+    """polar([U_1 .. U_T]) diag([s_1 .. s_T]) polar([Vh_1; ..; Vh_T]): the TSV-M /
+    Iso-CTS step that makes the concatenated singular vectors of the tasks
+    orthonormal (column permutations commute with it: the order does not matter)."""
+    u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
+    return (polar(u) * s) @ polar(vh)
+
+
+# -- TSV-M (Gargiulo et al., CVPR 2025; FusionBench compute_and_sum_svd_mem_reduction) --
+
+def tsv_m(taus: torch.Tensor) -> torch.Tensor:
+    """Each task's top r = int(k * (1/T)) singular triplets (FusionBench's rounding),
+    concatenated; U and Vh replaced by their polar factors; recombined."""
+    T, m, n = taus.shape
+    r = int(min(m, n) * (1.0 / T))
+    us, ss, vhs = [], [], []
+    for tau in taus:
+        u, s, vh = _svd(tau)
+        keep = min(r, rank_cut(s, (m, n)))
+        us.append(u[:, :keep]), ss.append(s[:keep]), vhs.append(vh[:keep])
+    return recombine(us, ss, vhs)
+
+
+# -- Iso-C / Iso-CTS (Marczak et al., 2025; FusionBench iso_c, iso_cts) -----------------
+
+def iso_c(taus: torch.Tensor) -> torch.Tensor:
+    """The sum of the task vectors with every one of its k singular values replaced by
+    their mean: mean(s) * U Vh (the mean over all k, zeros included, as published)."""
+    total = taus.sum(dim=0)
+    u, s, vh = _svd(total)
+    keep = rank_cut(s, total.shape)
+    return (u[:, :keep] * s.mean()) @ vh[:keep]
+
+
+def common_size(k: int, T: int, fraction: float) -> int:
+    """Iso-CTS's common subspace size: int(k * fraction), moved so that the rest splits
+    evenly among the T tasks (FusionBench's rounding)."""
+    common = int(k * fraction)
+    specific = round((k - common) / T) * T
+    return max(0, k - specific)
+
+
+def iso_cts(taus: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The top ``common_size`` directions of the sum, plus for each task the top
+    (k - common) / T directions of its task vector with the common left space
+    projected out; U and Vh made orthonormal (polar); every singular value replaced
+    by the mean of the combined ones (over all k slots, as published)."""
+    T, m, n = taus.shape
+    k = min(m, n)
+    common = common_size(k, T, fraction)
+    per_task = (k - common) // T
+    u, s, vh = _svd(taus.sum(dim=0))
+    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    for tau in taus:
+        rest = tau - us[0] @ (us[0].T @ tau)
+        ut, st, vht = _svd(rest)
+        us.append(ut[:, :per_task]), ss.append(st[:per_task]), vhs.append(vht[:per_task])
+    level = torch.cat(ss).sum() / k  # the mean over the k slots the reference fills
+    kept = [min(len(x), rank_cut(x, (m, n))) for x in ss]
+    us = [x[:, :c] for x, c in zip(us, kept)]
+    vhs = [x[:c] for x, c in zip(vhs, kept)]
+    ss = [torch.full((c,), float(level), dtype=taus.dtype, device=taus.device) for c in kept]
+    return recombine(us, ss, vhs)
+
+
+# -- WUDI (Cheng et al., ICML 2025; FusionBench wudi_merging) -----------------------------
+#
+# min over tau_m of L = sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / n_i,  n_i = ||tau_i||_F^2,
+# by Adam from tau_m = sum_i tau_i. The reference builds the T x m x m products; its
+# gradient is
+#     dL/dtau_m = 2 sum_i (tau_m - tau_i) tau_i^T tau_i / n_i = 2 (tau_m A - B),
+#     A = sum_i tau_i^T tau_i / n_i  (n x n),   B = sum_i tau_i A_i = sum_i tau_i (tau_i^T tau_i) / n_i,
+# so one step costs tau_m A: m n^2 flops, O(m n + n^2) memory. Where n > 2 T m, A has
+# rank <= T m and tau_m A = (tau_m C^T) C with C = [tau_i / sqrt(n_i)] (T m x n) costs
+# 2 T m^2 n instead: a step costs m n min(n, 2 T m). A task vector that is zero on the
+# tensor has no term (the reference divides 0 by 0 and returns NaN).
+
+def wudi_terms(taus: torch.Tensor):
+    """(apply, B): ``apply(x)`` = x A in the cheaper exact form, and B."""
+    T, m, n = taus.shape
+    norms = taus.reshape(T, -1).square().sum(dim=1)
+    kept = taus[norms > 0]
+    live = kept / norms[norms > 0].sqrt()[:, None, None]  # tau_i / sqrt(n_i)
+    C = live.reshape(-1, n)  # (T' m) x n: A = C^T C
+    if n <= 2 * C.shape[0]:
+        A = C.T @ C
+
+        def apply(x):
+            return x @ A
+    else:
+        def apply(x):
+            return (x @ C.T) @ C
+    B = sum((c @ c.T) @ t for c, t in zip(live, kept)) if len(live) else torch.zeros_like(taus[0])
+    return apply, B
+
+
+def wudi(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """WUDI's tau_m: torch.optim.Adam (betas 0.9/0.999, eps 1e-8, no weight decay, as
+    the reference) for ``steps`` steps of learning rate ``lr`` from the sum, with the
+    gradient 2 (tau_m A - B) in closed form (no autograd, no T x m x m product)."""
+    merged = taus.sum(dim=0).clone()
+    if steps == 0:
+        return merged
+    apply, B = wudi_terms(taus)
+    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    for _ in range(steps):
+        with torch.no_grad():
+            merged.grad = 2.0 * (apply(merged) - B)
+        optimizer.step()
+    return merged.detach()
+
+
+def average(taus: torch.Tensor) -> torch.Tensor:
+    """What every rule does to a tensor that is not a matrix (and to excluded ones):
+    the mean of the task vectors, in the reference's running form."""
+    mean = taus[0].clone()
+    for i in range(1, taus.shape[0]):
+        mean += (taus[i] - mean) / (i + 1)
+    return mean
