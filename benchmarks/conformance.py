@@ -2,6 +2,8 @@
 
     python benchmarks/conformance.py                 # all families, writes docs/conformance.md
     python benchmarks/conformance.py --family llama  # one family, prints only
+    python benchmarks/conformance.py --data-free     # tsv, iso_c, iso_cts, wudi and their
+                                                     # AWD variants on every family: prints
 
 Each cell merges a tiny model family through mergekit and compares every
 tensor with a naive float64 reference (tests/conformance.py says how).
@@ -27,6 +29,8 @@ def main():
     parser.add_argument("--family", action="append", help="only these families")
     parser.add_argument("--out", default=os.path.join(HERE, "..", "docs", "conformance.md"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--data-free", action="store_true",
+                        help="the data-free rules' cells (conformance.data_free_cells)")
     args = parser.parse_args()
     import logging
     import warnings
@@ -40,7 +44,7 @@ def main():
     import mergekit_awd  # noqa: F401
 
     names = args.family or list(families.FAMILIES)
-    cells = conformance.cells(names)
+    cells = conformance.data_free_cells(names) if args.data_free else conformance.cells(names)
     results = []
     start = time.time()
     with tempfile.TemporaryDirectory() as root:
@@ -59,7 +63,7 @@ def main():
                f"task_arithmetic fails the same recipe), {counts['FAIL']} fail "
                f"({seconds / 60:.1f} min)")
     print(summary)
-    if not args.no_write and not args.family:
+    if not args.no_write and not args.family and not args.data_free:
         write(args.out, names, results, summary)
     return 1 if counts["FAIL"] else 0
 

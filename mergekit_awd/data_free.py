@@ -30,8 +30,6 @@ from mergekit.merge_methods.base import (
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
     TensorGroup,
 )
 from mergekit_awd import context, guards, params, solver, spectral
@@ -111,11 +109,7 @@ class DataFreeMerge(GroupMergeMethod):
             name=rule,
             pretty_name=pretty,
             reference_url=url,
-            parameters=tuple(
-                ParameterSpec(p.name, p.typed(rule),
-                              ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
-                              default=None, description=p.description)
-                for p in self.declared),
+            parameters=params.mergekit_specs(self.declared, rule),
             contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
         )
 
@@ -125,15 +119,8 @@ class DataFreeMerge(GroupMergeMethod):
         if run is not None:
             guards.refuse_output_among_inputs(run.out_path, input_ids)
             guards.refuse_unknown_parameters(self.spec, run.config)
-        try:
-            super().validate_inputs(input_ids, base_id, group_name=group_name)
-        except ValueError as error:
-            if base_id is None or base_id not in input_ids:
-                raise ValueError(
-                    f"{error}. {self.rule} needs base_model: the pretrained model the "
-                    f"fine-tunes started from (task vectors are fine-tune minus base). "
-                    f"Add 'base_model: <path or hub id>' to the recipe.") from error
-            raise
+        guards.validate_with_base(self.rule, super().validate_inputs, input_ids, base_id,
+                                  group_name)
 
     def merge_group(self, group: TensorGroup, /, **p: Any) -> torch.Tensor:
         base = group.base.tensor

@@ -115,3 +115,16 @@ def refuse_unknown_parameters(spec, config) -> None:
     for where, values in params.parameter_blocks(config):
         given.setdefault(where, []).extend(values or {})
     params.check_known(spec.name, (p.name for p in spec.parameters), given)
+
+
+def validate_with_base(method: str, validate, input_ids, base_id, group_name) -> None:
+    """mergekit's input contract (``validate``), its missing-base error said for users."""
+    try:
+        validate(input_ids, base_id, group_name=group_name)
+    except ValueError as error:
+        if base_id is None or base_id not in input_ids:
+            raise ValueError(
+                f"{error}. {method} needs base_model: the pretrained model the fine-tunes "
+                f"started from (task vectors are fine-tune minus base). Add "
+                f"'base_model: <path or hub id>' to the recipe.") from error
+        raise

@@ -26,8 +26,6 @@ from mergekit.merge_methods.base import (
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
     TensorGroup,
 )
 from mergekit_awd import context, data_free, guards, mergekit_run, params, report, scope, solver
@@ -58,18 +56,7 @@ class AWDMerge(GroupMergeMethod):
             name=name,
             pretty_name=pretty_name,
             reference_url="https://arxiv.org/abs/2411.18729",
-            # default None: "not set" (Settings.of gives the declared default and
-            # knows what the recipe set)
-            parameters=tuple(
-                ParameterSpec(
-                    p.name,
-                    p.type,
-                    ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
-                    default=None,
-                    description=p.description,
-                )
-                for p in self.declared
-            ),
+            parameters=params.mergekit_specs(self.declared),
             contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
         )
 
@@ -86,16 +73,8 @@ class AWDMerge(GroupMergeMethod):
                 if inputs is not None and not all(
                         t.is_floating_point() for t in inputs.values()):
                     run.tensor_merged()  # a buffer: mergekit copies it, no kernel call
-        try:
-            super().validate_inputs(input_ids, base_id, group_name=group_name)
-        except ValueError as error:
-            if base_id is None or base_id not in input_ids:
-                raise ValueError(
-                    f"{error}. {self.spec.name} needs base_model: the pretrained "
-                    f"model the fine-tunes started from (task vectors are fine-tune "
-                    f"minus base). Add 'base_model: <path or hub id>' to the recipe."
-                ) from error
-            raise
+        guards.validate_with_base(self.spec.name, super().validate_inputs, input_ids,
+                                  base_id, group_name)
 
     # -- execution --------------------------------------------------------------
 

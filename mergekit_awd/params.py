@@ -193,6 +193,17 @@ DECLARED = COMMON + SPARSIFY + DATA_FREE
 TUNABLE = tuple(p for p in DECLARED if p.tune is not None)
 
 
+def mergekit_specs(parameters: Iterable[Parameter], method: str = "awd") -> tuple:
+    """mergekit's ParameterSpecs of ``parameters`` (errors naming ``method``), each with
+    default None: "not set" (``Settings.of`` gives the declared default and knows what
+    the recipe set)."""
+    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+
+    return tuple(ParameterSpec(p.name, p.typed(method),
+                               ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
+                               default=None, description=p.description) for p in parameters)
+
+
 def declared(name: str) -> Optional[Parameter]:
     """The declaration of the parameter ``name`` (None: not an awd parameter)."""
     return next((p for p in DECLARED if p.name == name), None)

@@ -35,6 +35,7 @@ import yaml
 
 import families
 import reference
+import reference_data_free
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,11 +49,26 @@ AXES = {
     "out_dtype": [None, "float32", "bfloat16"],
     "scope": ["global", "tensor"],
     "optimizer": ["sgd", "adam"],
-    "method": ["awd", "awd_ties", "awd_dare_ties"],
+    "method": ["awd", "awd_ties", "awd_dare_ties"],  # DATA_FREE: cells of their own
     "select": ["linear", "all", "(attn|attention)"],
     "others": ["task_arithmetic", "base"],
     "weighting": ["default", "weights+normalize+keep_delta"],
 }
+
+
+# the data-free rules and their AWD variants (``data_free_cells``); WUDI at a step size
+# that keeps float32 and float64 Adam together on these tiny task vectors
+DATA_FREE = ("tsv", "iso_c", "iso_cts", "wudi")
+AWD_DATA_FREE = tuple(f"awd_{m}" for m in DATA_FREE)
+WUDI = {"wudi_steps": 30, "wudi_lr": 1e-7}
+
+
+def tolerance(cell) -> float:
+    """Relative error allowed on a float32 merge's delta: 1e-5; 1e-4 for the SVD rules,
+    whose float32 singular vectors are accurate to eps over the singular-value gap (an
+    Iso-CTS Qwen2 cell with weights: 1.5e-5)."""
+    method = cell.get("method").removeprefix("awd_")
+    return 1e-4 if method in DATA_FREE and method != "wudi" else 1e-5
 
 
 @dataclass
@@ -201,7 +217,8 @@ def expected(base_state, ft_states, cell: Cell, params: Dict, weights: List[floa
     normalize = params.get("normalize", method == "awd_ties")
     lam, keep = params.get("lambda", 1.0), params.get("keep_delta", 0.0)
     names = names or list(base_state)
-    chosen = [n for n in names if selected(select, n, base_state[n])]
+    chosen = ([] if method in DATA_FREE
+              else [n for n in names if selected(select, n, base_state[n])])
     K = len(ft_states)
     # tau = fine-tune - base, and exactly 0 where they are equal (-inf masks too)
     taus = {n: torch.stack([torch.where(ft[n] == base_state[n], 0.0,
@@ -231,7 +248,13 @@ def expected(base_state, ft_states, cell: Cell, params: Dict, weights: List[floa
             continue
         d = delta.get(n, torch.zeros_like(b))
         hat = taus[n] - d
-        if method == "awd":
+        if method in DATA_FREE or method in AWD_DATA_FREE:
+            rule = method.removeprefix("awd_")
+            moved = hat if n in chosen and method in AWD_DATA_FREE else taus[n]
+            keep_d = keep * d if n in chosen and method in AWD_DATA_FREE else 0.0
+            out[n] = reference_data_free.merge_tensor(
+                rule, torch.zeros_like(b), list(moved), params, weights) + b + keep_d
+        elif method == "awd":
             scale = lam / sum(weights) if normalize else lam
             out[n] = b + scale * sum(w * t for w, t in zip(weights, hat)) + keep * d
         else:
@@ -252,12 +275,21 @@ class Outcome:
 
 
 def recipe(cell: Cell, paths: Dict) -> Tuple[Dict, Dict, List[float]]:
+    method = cell.get("method")
     params = {"steps": STEPS, "scope": cell.get("scope"), "optimizer": cell.get("optimizer"),
               "select": cell.get("select"), "others": cell.get("others")}
+    if method in DATA_FREE:
+        params = {}
+    if method.endswith("wudi"):
+        params.update(WUDI)
     weights = [1.0] * len(paths["fts"])
     if cell.get("weighting") != "default":
         weights = [1.0, 0.5, 2.0][: len(paths["fts"])]
         params.update(normalize=True, keep_delta=0.5, **{"lambda": 0.8})
+        if method in DATA_FREE or method in AWD_DATA_FREE:  # no normalize there
+            params.pop("normalize")
+            if method in DATA_FREE:
+                params.pop("keep_delta")
     models = [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths["fts"], weights)]
     config = {"merge_method": cell.get("method"), "base_model": paths["base"],
               "models": models, "parameters": params}
@@ -301,11 +333,11 @@ def settle_undecided(merged: Dict[str, torch.Tensor], want: Dict[str, torch.Tens
 def compare(merged: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor],
             base: Dict[str, torch.Tensor], out_dtype: torch.dtype,
             skip: Tuple[str, ...] = (), rounded: Tuple[torch.dtype, ...] = (),
-            base_path: Optional[str] = None, aliases: Optional[Dict[str, str]] = None
-            ) -> Optional[str]:
+            base_path: Optional[str] = None, aliases: Optional[Dict[str, str]] = None,
+            rel: float = 1e-5) -> Optional[str]:
     """None when every merged tensor matches, else what differs.
 
-    1e-5 relative on the merged delta when nothing rounds to 16 bits, else at
+    ``rel`` (1e-5) relative on the merged delta when nothing rounds to 16 bits, else at
     most one rounding step of each 16-bit dtype the result went through.
     """
     ulp = sum(ULP[d] for d in set(rounded) | {out_dtype})
@@ -338,7 +370,7 @@ def compare(merged: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor],
             # 1e-5 of the merged delta, plus one float32 rounding of the written values
             # (where the disentangled vectors nearly cancel, the delta is tiny)
             err = (got - ref).norm()
-            allowed = 1e-5 * (ref - base[name].double()).norm() + 2.0 ** -23 * ref.norm()
+            allowed = rel * (ref - base[name].double()).norm() + 2.0 ** -23 * ref.norm()
             if err > allowed:
                 rel = err / (ref - base[name].double()).norm().clamp_min(1e-30)
                 return f"{name}: relative error {rel:.2e}"
@@ -449,14 +481,19 @@ class Matrix:
         merged = reference.load(out)
         want = settle_undecided(merged, want, also)
         problem = compare(merged, want, base, output_dtype(cell), skip, roundings(cell),
-                          paths["base"], aliases)
+                          paths["base"], aliases, tolerance(cell))
         return Outcome("FAIL", problem) if problem else Outcome("pass")
 
     def _vocabulary_as_task_arithmetic(self, config, out, names, index, options):
         ta = dict(config, merge_method="task_arithmetic",
                   parameters={"lambda": config["parameters"].get("lambda", 1.0),
                               "normalize": config["parameters"].get("normalize", False)})
-        if config["merge_method"] != "awd":
+        rule = config["merge_method"].removeprefix("awd_")
+        if rule in DATA_FREE:  # the vocabulary tensors: the rule on the raw task vectors
+            ta["merge_method"] = rule
+            ta["parameters"] = {k: v for k, v in config["parameters"].items()
+                                if k in ("lambda", *WUDI)}
+        elif config["merge_method"] != "awd":
             ta["merge_method"] = "ties" if config["merge_method"] == "awd_ties" else "dare_ties"
             ta["parameters"]["normalize"] = config["parameters"].get(
                 "normalize", config["merge_method"] == "awd_ties")
@@ -489,8 +526,24 @@ class Matrix:
         also = {}
         want = settle_undecided(merged, expected(base, fts, cell, params, weights, also=also),
                                 also)
-        problem = compare(merged, want, base, dtype)
+        problem = compare(merged, want, base, dtype, rel=tolerance(cell))
         return Outcome("FAIL", problem) if problem else Outcome("pass")
+
+
+def data_free_cells(family_names: List[str]) -> List[Cell]:
+    """Each data-free rule and its AWD variant on every family: at the defaults, with
+    weights, lambda and keep_delta, in bf16 storage with `dtype: float32`, and through
+    the tokenizer union, the CLI and merge_state_dicts."""
+    out = []
+    for name in family_names:
+        for method in DATA_FREE + AWD_DATA_FREE:
+            out.append(Cell(name, {"method": method}))
+            out.append(Cell(name, {"method": method, "weighting": "weights+normalize+keep_delta"}))
+            out.append(Cell(name, {"method": method, "storage": "bf16", "dtype": "float32"}))
+            for special in ("union", "cli", "state_dicts"):
+                if not (special == "union" and name == "roberta"):
+                    out.append(Cell(name, {"method": method}, special))
+    return out
 
 
 def cells(family_names: List[str], full: bool = True) -> List[Cell]:

@@ -27,6 +27,21 @@ def test_every_family_at_the_defaults(matrix, family):
     assert outcome.status == "pass", outcome.detail
 
 
+_METHODS = conformance.DATA_FREE + conformance.AWD_DATA_FREE
+
+
+@pytest.mark.parametrize("i, family", list(enumerate(families.FAMILIES)))
+def test_every_family_with_a_data_free_rule(matrix, i, family):
+    """Each family with one of the data-free rules or their AWD variants (all eight
+    over the sixteen families; the whole cross is `benchmarks/conformance.py
+    --data-free`), with weights, lambda and keep_delta on every other family."""
+    options = {"method": _METHODS[i % len(_METHODS)]}
+    if i % 2:
+        options["weighting"] = "weights+normalize+keep_delta"
+    outcome = matrix.run(Cell(family, options), 300 + i)
+    assert outcome.status == "pass", outcome.detail
+
+
 @pytest.mark.parametrize("special", ["union", "sharded", "bin", "state_dicts"])
 def test_input_forms(matrix, special):
     outcome = matrix.run(Cell("llama", {"optimizer": "adam"} if special == "state_dicts" else {},

@@ -235,7 +235,6 @@ def _assert_mergekit_yaml(config, base_path, candidate, tensors, out):
     ("awd", "tensor", {}),
     ("awd_ties", "global", {"keep_delta": 1.0, "density": 0.6}),
     ("tsv", "global", {}),
-    ("iso_cts", "global", {}),
     ("wudi", "global", {}),
     ("awd_iso_c", "global", {"keep_delta": 1.0}),
 ])
