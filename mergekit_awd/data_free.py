@@ -25,13 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 from mergekit_awd import context, guards, params, solver, spectral
 from mergekit_awd.params import Settings
 
@@ -98,6 +92,13 @@ def weighted(taus: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return taus
 
 
+def scaled_delta(rule: str, taus: torch.Tensor, s: Settings, metadata) -> torch.Tensor:
+    """lambda * the merged task vector of one tensor's stacked task vectors ``taus``
+    (weighted in place), ``metadata`` its mergekit TensorMetadata."""
+    return s.lam * merged_delta(rule, weighted(taus, s.weights), s, metadata.name,
+                                metadata.vocabulary_axis)
+
+
 class DataFreeMerge(GroupMergeMethod):
     """One of the data-free per-tensor rules (``RULES``) as a mergekit method."""
 
@@ -105,20 +106,11 @@ class DataFreeMerge(GroupMergeMethod):
         self.rule = rule
         self.declared = declared(rule)
         pretty, url = RULES[rule]
-        self.spec = MergeMethodSpec(
-            name=rule,
-            pretty_name=pretty,
-            reference_url=url,
-            parameters=params.mergekit_specs(self.declared, rule),
-            contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
-        )
+        self.spec = params.method_spec(rule, pretty, url, self.declared, label=rule)
 
     def validate_inputs(self, input_ids: Sequence[Any], base_id: Optional[Any] = None, *,
                         group_name: Optional[str] = None) -> None:
-        run = context.current()
-        if run is not None:
-            guards.refuse_output_among_inputs(run.out_path, input_ids)
-            guards.refuse_unknown_parameters(self.spec, run.config)
+        guards.check_recipe(self.spec, context.current(), input_ids)
         guards.validate_with_base(self.rule, super().validate_inputs, input_ids, base_id,
                                   group_name)
 
@@ -128,12 +120,8 @@ class DataFreeMerge(GroupMergeMethod):
             return base
         s = Settings.of(p, tuple(e.id for e in group.non_base))
         dtype = solver.compute_dtype(base)
-        taus = weighted(solver.task_vectors(base, [e.tensor for e in group.non_base], dtype),
-                        s.weights)
-        name = group.metadata.name
-        if not torch.isfinite(taus).all():
-            guards.settle_nonfinite(name or "<unnamed>", group, taus.sum(dim=0))
-            taus = torch.nan_to_num(taus, nan=0.0, posinf=0.0, neginf=0.0)
-        delta = merged_delta(self.rule, taus, s, name, group.metadata.vocabulary_axis)
-        result = base.to(dtype) + s.lam * delta
-        return guards.settle_nonfinite(name or "<unnamed>", group, result).to(base.dtype)
+        name = group.metadata.name or "<unnamed>"
+        taus = guards.finite_task_vectors(name, group, solver.task_vectors(
+            base, [e.tensor for e in group.non_base], dtype))
+        result = base.to(dtype) + scaled_delta(self.rule, taus, s, group.metadata)
+        return guards.settle_nonfinite(name, group, result).to(base.dtype)

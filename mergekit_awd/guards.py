@@ -42,6 +42,14 @@ def _repair(group, taus: torch.Tensor) -> bool:
     return bool(torch.isfinite(taus).all())
 
 
+def finite_task_vectors(name: str, group, taus: torch.Tensor) -> torch.Tensor:
+    """``taus`` (the group's, in order), with entries where an input equals the base
+    (both -inf: a mask buffer) zeroed; NaN/Inf anywhere else refused, naming the input."""
+    if not _finite(taus) and not _repair(group, taus):
+        _raise_nonfinite(name, group)
+    return taus
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     """All entries finite (one summing pass; the exact check only if the sum is not)."""
     return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
@@ -115,6 +123,14 @@ def refuse_unknown_parameters(spec, config) -> None:
     for where, values in params.parameter_blocks(config):
         given.setdefault(where, []).extend(values or {})
     params.check_known(spec.name, (p.name for p in spec.parameters), given)
+
+
+def check_recipe(spec, run, input_ids) -> None:
+    """What a planned task of the plugin's methods refuses before anything is read: an
+    output folder among the inputs, parameters the method does not have."""
+    if run is not None:
+        refuse_output_among_inputs(run.out_path, input_ids)
+        refuse_unknown_parameters(spec, run.config)
 
 
 def validate_with_base(method: str, validate, input_ids, base_id, group_name) -> None:

@@ -21,13 +21,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 from mergekit_awd import context, data_free, guards, mergekit_run, params, report, scope, solver
 from mergekit_awd.params import Settings
 from mergekit_awd.selection import is_selected, layer_weight_names
@@ -52,22 +46,16 @@ class AWDMerge(GroupMergeMethod):
         self.defaults = {p.name: theirs[p.name].default for p in self.declared
                          if p.name in theirs and not theirs[p.name].required
                          and theirs[p.name].default is not None}
-        self.spec = MergeMethodSpec(
-            name=name,
-            pretty_name=pretty_name,
-            reference_url="https://arxiv.org/abs/2411.18729",
-            parameters=params.mergekit_specs(self.declared),
-            contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
-        )
+        self.spec = params.method_spec(name, pretty_name, "https://arxiv.org/abs/2411.18729",
+                                       self.declared)
 
     # -- planning ---------------------------------------------------------------
 
     def validate_inputs(self, input_ids: Sequence[Any], base_id: Optional[Any] = None, *,
                         group_name: Optional[str] = None) -> None:
         run = context.current()
+        guards.check_recipe(self.spec, run, input_ids)
         if run is not None:
-            guards.refuse_output_among_inputs(run.out_path, input_ids)
-            guards.refuse_unknown_parameters(self.spec, run.config)
             if run.planned and run.recorder() is None:
                 inputs = mergekit_run.current_inputs()  # executing, not planning
                 if inputs is not None and not all(
@@ -191,8 +179,12 @@ class AWDMerge(GroupMergeMethod):
         if s.others == "base":  # the fine-tunes are not used, but NaN/Inf in them refused
             guards.refuse_nonfinite_inputs(group.metadata.name, group)
             return group.base.tensor
-        return self._mergekit(group.base.tensor, [e.tensor for e in group.non_base], s,
-                              group.metadata)
+        base, inputs = group.base.tensor, [e.tensor for e in group.non_base]
+        if self.combine_with in data_free.RULES:
+            dtype = solver.compute_dtype(base)
+            return base.to(dtype) + data_free.scaled_delta(
+                self.combine_with, solver.task_vectors(base, inputs, dtype), s, group.metadata)
+        return self._mergekit(base, inputs, s)
 
     def _disentangled(self, group, name, model_ids, s: Settings, run):
         """A selected tensor: solve (or look up) delta, then combine tau_k - delta."""
@@ -228,16 +220,16 @@ class AWDMerge(GroupMergeMethod):
         if w is not None:
             delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
         hat = taus - delta.to(taus.device, taus.dtype) if delta is not None else taus
-        merged = base + self._mergekit(torch.zeros_like(base), list(hat.unbind(0)), s,
-                                       metadata)
+        if self.combine_with in data_free.RULES:  # the rule on hat itself (no copy)
+            merged = base + data_free.scaled_delta(self.combine_with, hat, s, metadata)
+        else:
+            merged = base + self._mergekit(torch.zeros_like(base), list(hat.unbind(0)), s)
         if delta is not None and s.keep_delta:
             merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
         return merged
 
-    def _mergekit(self, base: torch.Tensor, tensors: List[torch.Tensor], s: Settings,
-                  metadata):
-        """mergekit's own task_arithmetic / ties / dare_ties on these inputs, or a
-        data-free rule (``data_free.py``, with the tensor's name and vocabulary axis).
+    def _mergekit(self, base: torch.Tensor, tensors: List[torch.Tensor], s: Settings):
+        """mergekit's own task_arithmetic / ties / dare_ties on these inputs.
 
         In float32 at least: mergekit's methods compute in the inputs' dtype, and
         bf16 task vectors (differences of nearby bf16 numbers) lose most of their bits.
@@ -245,12 +237,6 @@ class AWDMerge(GroupMergeMethod):
         from mergekit.merge_methods.api import merge_tensors
 
         from mergekit import merge_methods
-
-        if self.combine_with in data_free.RULES:
-            dtype = solver.compute_dtype(base)
-            taus = data_free.weighted(solver.task_vectors(base, tensors, dtype), s.weights)
-            return base.to(dtype) + s.lam * data_free.merged_delta(
-                self.combine_with, taus, s, metadata.name, metadata.vocabulary_axis)
 
         theirs = {p.name for p in merge_methods.get(self.combine_with).spec.parameters}
         parameters = {p.name: s.value(p.name) for p in self.declared if p.name in theirs}

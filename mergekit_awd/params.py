@@ -163,8 +163,6 @@ SPARSIFY = (
               "store the sign-consensus mask as int8"),
 )
 
-
-
 def _valid_exclude(value: str) -> bool:
     return value in ("none", "vocabulary") or _valid_select(value)
 
@@ -185,7 +183,7 @@ DATA_FREE = (
                                   lambda v: _finite(v) and v > 0), 1e-5,
               "wudi: Adam's learning rate, in the task vectors' own units"),
 )
-# each data-free rule's own knobs (besides weight, lambda and exclude)
+# the data-free rules, each with its own knobs (besides weight, lambda and exclude)
 RULE_KNOBS = {"tsv": (), "iso_c": (), "iso_cts": ("common_space_fraction",),
               "wudi": ("wudi_steps", "wudi_lr")}
 
@@ -193,15 +191,21 @@ DECLARED = COMMON + SPARSIFY + DATA_FREE
 TUNABLE = tuple(p for p in DECLARED if p.tune is not None)
 
 
-def mergekit_specs(parameters: Iterable[Parameter], method: str = "awd") -> tuple:
-    """mergekit's ParameterSpecs of ``parameters`` (errors naming ``method``), each with
-    default None: "not set" (``Settings.of`` gives the declared default and knows what
-    the recipe set)."""
-    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+def method_spec(name: str, pretty_name: str, url: str, parameters: Iterable[Parameter],
+                label: str = "awd"):
+    """mergekit's MergeMethodSpec of one of the plugin's methods: a base model and two
+    inputs at least; each parameter's default None: "not set" (``Settings.of`` gives
+    the declared default and knows what the recipe set); errors name ``label``."""
+    from mergekit.merge_methods.base import (BasePolicy, InputContract, MergeMethodSpec,
+                                             ParameterScope, ParameterSpec)
 
-    return tuple(ParameterSpec(p.name, p.typed(method),
-                               ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
-                               default=None, description=p.description) for p in parameters)
+    return MergeMethodSpec(
+        name=name, pretty_name=pretty_name, reference_url=url,
+        parameters=tuple(
+            ParameterSpec(p.name, p.typed(label),
+                          ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
+                          default=None, description=p.description) for p in parameters),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2))
 
 
 def declared(name: str) -> Optional[Parameter]:

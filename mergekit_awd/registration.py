@@ -1,4 +1,5 @@
-"""Register `awd` (and its relatives, and the data-free rules) with mergekit's merge-method registry (its public API only)."""
+"""Register the plugin's methods (`awd` and its relatives, the data-free rules) with
+mergekit's merge-method registry (its public API only)."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from mergekit_awd import gram_cache, params, solver
 from mergekit_awd.params import AWDInputError, AWDParameterError, Settings
 from mergekit_awd.selection import in_layers, layer_weight_names
 
-AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties", "awd_tsv", "awd_iso_c", "awd_iso_cts",
-               "awd_wudi")
+AWD_METHODS = ("awd", "awd_ties", "awd_dare_ties",
+               *(f"awd_{rule}" for rule in params.RULE_KNOBS))
 
 
 

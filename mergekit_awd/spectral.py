@@ -142,7 +142,7 @@ def wudi(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     """WUDI's tau_m: torch.optim.Adam (betas 0.9/0.999, eps 1e-8, no weight decay, as
     the reference) for ``steps`` steps of learning rate ``lr`` from the sum, with the
     gradient 2 (tau_m A - B) in closed form (no autograd, no T x m x m product)."""
-    merged = taus.sum(dim=0).clone()
+    merged = taus.sum(dim=0)
     if steps == 0:
         return merged
     apply, B = wudi_terms(taus)

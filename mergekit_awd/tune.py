@@ -56,9 +56,9 @@ SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_t
 #   RULE(tau), RULE without lambda; f(0) = base. Their AWD variants: base + keep_delta *
 #   delta + lambda * RULE(tau - delta), as awd_ties.
 # The randomized methods are linear too, but formed by run_merge (RANDOMIZED).
-DATA_FREE = ("tsv", "iso_c", "iso_cts", "wudi")
 LINEAR_IN_LAMBDA = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "awd",
-                    "awd_ties", *DATA_FREE, *(f"awd_{m}" for m in DATA_FREE))
+                    "awd_ties", *params.RULE_KNOBS,
+                    *(f"awd_{rule}" for rule in params.RULE_KNOBS))
 
 
 @dataclass(frozen=True)

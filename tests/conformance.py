@@ -35,6 +35,7 @@ import yaml
 
 import families
 import reference
+from mergekit_awd.params import RULE_KNOBS
 import reference_data_free
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +59,7 @@ AXES = {
 
 # the data-free rules and their AWD variants (``data_free_cells``); WUDI at a step size
 # that keeps float32 and float64 Adam together on these tiny task vectors
-DATA_FREE = ("tsv", "iso_c", "iso_cts", "wudi")
+DATA_FREE = tuple(RULE_KNOBS)
 AWD_DATA_FREE = tuple(f"awd_{m}" for m in DATA_FREE)
 WUDI = {"wudi_steps": 30, "wudi_lr": 1e-7}
 

@@ -220,3 +220,33 @@ def test_spectral_rank_cut_and_polar():
     assert spectral.rank_cut(torch.zeros(3), (4, 3)) == 0
     q = spectral.polar(torch.randn(9, 4, dtype=torch.float64))
     _close(q.T @ q, torch.eye(4, dtype=torch.float64), 1e-12)
+
+
+def test_nan_in_an_input_is_refused_and_an_agreed_mask_kept():
+    """NaN in one fine-tune is refused naming it; -inf where every input has it (a
+    mask buffer) stays, the rest is merged."""
+    from mergekit_awd.params import AWDInputError
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(12, 10, generator=g)
+    fts = [base + 0.01 * torch.randn(12, 10, generator=g) for _ in range(3)]
+    bad = [f.clone() for f in fts]
+    bad[1][2, 3] = float("nan")
+    group = TensorGroup.from_tensors([base, *bad], ids=["b", "x", "y", "z"], base_index=0,
+                                     name=NAME)
+    with pytest.raises(AWDInputError, match=r"contains NaN or Inf in model y\b"):
+        get("iso_c")([group], parameters={})
+    masked = [t.clone() for t in (base, *fts)]
+    for t in masked:
+        t[0, 0] = float("-inf")
+    group = TensorGroup.from_tensors(masked, ids=["b", "x", "y", "z"], base_index=0, name=NAME)
+    (got,) = get("iso_c")([group], parameters={})
+    assert got[0, 0] == float("-inf") and torch.isfinite(got.flatten()[1:]).all()
+    taus = [(f - base).double() for f in fts]
+    for t in taus:
+        t[0, 0] = 0.0
+    want = base.double() + naive.iso_c(taus)
+    want[0, 0] = 0.0
+    got = got.double()
+    got[0, 0] = 0.0
+    _close(got, want, 1e-5)
