@@ -23,7 +23,16 @@ import torch
 
 
 def _svd(x: torch.Tensor):
-    return torch.linalg.svd(x, full_matrices=False)
+    """Thin SVD; where float32 gesdd fails to converge (it did on a near-orthonormal
+    576 x 576 stack in Iso-CTS's polar step on SmolLM2: many repeated singular
+    values), the same in float64, cast back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
 
 
 def rank_cut(s: torch.Tensor, shape) -> int:

@@ -250,3 +250,20 @@ def test_nan_in_an_input_is_refused_and_an_agreed_mask_kept():
     got = got.double()
     got[0, 0] = 0.0
     _close(got, want, 1e-5)
+
+
+def test_an_svd_that_fails_in_float32_is_done_in_float64(monkeypatch):
+    """gesdd can fail to converge in float32 (Iso-CTS's polar step on SmolLM2): the rule
+    then takes that SVD in float64 and still equals the reference."""
+    real = torch.linalg.svd
+
+    def flaky(x, *args, **kwargs):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    taus = _taus(3, (20, 14), seed=7)
+    got = spectral.iso_cts(torch.stack(taus).float(), 0.8)
+    assert got.dtype == torch.float32
+    _close(got.double(), naive.iso_cts(taus, 0.8), 1e-5)
