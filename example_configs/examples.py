@@ -1,21 +1,33 @@
 """Small real checkpoints to merge offline: a tiny Llama and four real fine-tunes.
 
-    python example_configs/examples.py make example_models/tiny-llama
+    python example_configs/examples.py check example_models/tiny-llama   # the shipped models
+    python example_configs/examples.py rebuild /tmp/tiny-llama          # retrain, compare
+    python example_configs/examples.py make DIR                          # train into DIR
     python example_configs/examples.py eval OUT_DIR [OUT_DIR ...]
 
 The base is a ~0.2M-parameter Llama pretrained briefly on all four string tasks
 below in a generic format; each fine-tune then trains the whole model on one
-task. Everything is seeded, runs on CPU in about a minute, and writes a
+task. Everything is seeded, runs on CPU in a few minutes, and writes a
 character-level tokenizer next to each model so that `mergekit-yaml` copies it
 and the merged model is usable with transformers.
+
+The repository ships the models the README's numbers came from
+(`example_models/tiny-llama`, 3.3 MB, float32) with their SHA-256 in
+`example_configs/tiny-llama.sha256`: training from scratch is chaotic enough that
+the last bits of another CPU's arithmetic change the fine-tunes, and with them
+the quick start's numbers; merging and scoring given models is not (measured:
+docs/benchmarks.md, "The quick start on other CPUs"). `rebuild` retrains them and
+says whether this machine reproduces the shipped files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import sys
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -160,6 +172,72 @@ def _make(paths: Dict[str, str], base_steps: int, ft_steps: int) -> None:
         print(f"fine-tuned {task}: {paths[task]}")
 
 
+MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-llama.sha256")
+
+
+def digests(models_dir: str) -> Dict[str, str]:
+    """relative path -> SHA-256 of every file of the five model folders."""
+    out = {}
+    for name in ["base", *TASKS]:
+        folder = os.path.join(models_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, file), "rb") as f:
+                out[f"{name}/{file}"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def manifest(path: str = MANIFEST) -> Dict[str, str]:
+    """The committed digests (``sha256sum`` format: DIGEST  RELATIVE_PATH)."""
+    with open(path, encoding="utf-8") as f:
+        return {name: digest for digest, name in (line.split() for line in f if line.strip())}
+
+
+def write_manifest(models_dir: str, path: str = MANIFEST) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for name, digest in digests(models_dir).items():
+            f.write(f"{digest}  {name}\n")
+
+
+def differences(models_dir: str, expected: Dict[str, str]) -> List[str]:
+    """One line per file that is missing, extra or not the expected bytes."""
+    found = digests(models_dir)
+    lines = [f"missing: {name}" for name in expected if name not in found]
+    lines += [f"changed: {name}" for name in expected
+              if name in found and found[name] != expected[name]]
+    lines += [f"not in the manifest: {name}" for name in found if name not in expected]
+    return lines
+
+
+def fingerprint(expected: Dict[str, str]) -> str:
+    """A short name for the whole set (what the quick start prints)."""
+    text = "".join(f"{d}  {n}\n" for n, d in expected.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check(models_dir: str) -> str:
+    """The shipped models, unchanged, or SystemExit saying which files differ."""
+    expected = manifest()
+    wrong = differences(models_dir, expected)
+    if wrong:
+        raise SystemExit(
+            f"{models_dir}: the example models are not the ones the README's numbers "
+            f"came from ({MANIFEST}):\n  " + "\n  ".join(wrong) + "\n"
+            "Restore them with `git checkout -- example_models/tiny-llama` (or retrain "
+            "them with `python example_configs/examples.py rebuild DIR`, which may give "
+            "other weights on another CPU).")
+    return fingerprint(expected)
+
+
+def rebuild(out_dir: str, base_steps: int = 600, ft_steps: int = 300) -> List[str]:
+    """Train the models into an empty OUT_DIR and compare them with the shipped ones."""
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise SystemExit(f"{out_dir}: not empty; rebuild trains into a new folder")
+    make(out_dir, base_steps, ft_steps)
+    return differences(out_dir, manifest())
+
+
 def accuracy(model_dir: str, n: int = 200, seed: int = 1234) -> Dict[str, float]:
     """Exact-match accuracy of greedy answers (then the end token), per task, on
     held-out samples: `mergekit-awd tune`'s own scorer (one teacher-forced pass)."""
@@ -202,10 +280,16 @@ def write_data(out_dir: str, n: int = 100, seed: int = 4321) -> Dict[str, str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python example_configs/examples.py")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_make = sub.add_parser("make", help="create the example models (skips existing)")
-    p_make.add_argument("out_dir")
-    p_make.add_argument("--base-steps", type=int, default=600)
-    p_make.add_argument("--ft-steps", type=int, default=300)
+    p_make = sub.add_parser("make", help="train the example models (skips existing)")
+    p_rebuild = sub.add_parser(
+        "rebuild", help="train the example models into a new folder and compare them "
+        "with the shipped ones")
+    for p in (p_make, p_rebuild):
+        p.add_argument("out_dir")
+        p.add_argument("--base-steps", type=int, default=600)
+        p.add_argument("--ft-steps", type=int, default=300)
+    p_check = sub.add_parser("check", help="check the shipped example models' SHA-256")
+    p_check.add_argument("models_dir")
     p_data = sub.add_parser("data", help="write held-out JSONL per task (for tune)")
     p_data.add_argument("out_dir")
     p_data.add_argument("-n", type=int, default=100)
@@ -221,6 +305,17 @@ def main(argv=None) -> None:
     elif args.command == "make":
         paths = make(args.out_dir, args.base_steps, args.ft_steps)
         print(json.dumps(paths, indent=2))
+    elif args.command == "check":
+        print(f"example models: {args.models_dir} (shipped, SHA-256 {check(args.models_dir)}"
+              " as in the README)")
+    elif args.command == "rebuild":
+        wrong = rebuild(args.out_dir, args.base_steps, args.ft_steps)
+        if wrong:
+            print(f"{args.out_dir}: this machine trains other example models than the "
+                  "shipped ones:\n  " + "\n  ".join(wrong))
+            sys.exit(1)
+        print(f"{args.out_dir}: the same bytes as the shipped models "
+              f"(SHA-256 {fingerprint(manifest())})")
     else:
         print(f"{'model':40s} " + " ".join(f"{t:>8s}" for t in TASKS) + "     mean")
         for path in args.models:

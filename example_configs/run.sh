@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The main job, on a fresh machine: install, make the example models (once, ~1 min
-# on CPU), merge them with awd through plain mergekit-yaml, score the result, then
-# let `mergekit-awd tune` choose the settings on held-out data.
+# The main job, on a fresh machine: install, check the shipped example models (a tiny
+# Llama and four fine-tunes; `examples.py rebuild DIR` retrains them), merge them with
+# awd through plain mergekit-yaml, score the result, then let `mergekit-awd tune`
+# choose the settings on held-out data.
 set -euo pipefail
-# The same numbers on every x86-64 CPU (set before torch starts): MKL's
-# reproducible mode and torch's portable kernels, so that training and scoring sum
-# in one order whatever the CPU's vendor and vector width.
+# One summation order whatever the CPU's vendor and vector width (set before torch
+# starts): MKL's reproducible mode and torch's portable kernels.
 export MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
 . "$(dirname "$0")/../.ci/venv.sh"
-python example_configs/examples.py make example_models/tiny-llama > /dev/null
+python example_configs/examples.py check example_models/tiny-llama
 python example_configs/examples.py data example_models/data > /dev/null
 mergekit-yaml example_configs/tiny-awd.yml out/tiny-awd --quiet "$@"
 mergekit-yaml example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet "$@"

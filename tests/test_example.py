@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -61,3 +62,43 @@ def test_example_models_merge_with_the_shipped_recipe(tmp_path):
     scores = examples.accuracy(str(out), n=3)
     assert set(scores) == set(examples.TASKS)
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in scores.values())  # n = 3 prompts
+
+
+SHIPPED = os.path.join(ROOT, "example_models", "tiny-llama")
+
+
+def test_the_shipped_example_models_are_the_ones_the_readme_numbers_came_from():
+    """The quick start merges the committed weights: their SHA-256 are the manifest's,
+    and the fingerprint the quick start printed in the committed log (the README's
+    numbers) is the manifest's too."""
+    import examples
+
+    expected = examples.manifest()
+    assert sorted({name.split("/")[0] for name in expected}) == sorted(["base", *examples.TASKS])
+    assert all(f"{m}/model.safetensors" in expected for m in ["base", *examples.TASKS])
+    assert examples.differences(SHIPPED, expected) == []
+    fingerprint = examples.check(SHIPPED)
+    log = open(os.path.join(ROOT, "docs", "quickstart.log"), encoding="utf-8").read()
+    assert (f"example models: example_models/tiny-llama (shipped, SHA-256 {fingerprint} "
+            "as in the README)") in log.splitlines()
+
+
+def test_a_changed_or_missing_example_model_is_refused_by_name(tmp_path):
+    import shutil
+
+    import examples
+
+    copy = tmp_path / "tiny-llama"
+    shutil.copytree(SHIPPED, copy)
+    assert examples.differences(str(copy), examples.manifest()) == []
+    weights = copy / "sort" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    os.remove(copy / "add" / "tokenizer.json")
+    with pytest.raises(SystemExit) as info:
+        examples.check(str(copy))
+    message = str(info.value)
+    assert "missing: add/tokenizer.json" in message
+    assert "changed: sort/model.safetensors" in message
+    assert "changed: base" not in message and "git checkout" in message
