@@ -51,14 +51,22 @@ LEARNABLE = ("awd", "task_arithmetic")
 KINDS = ("model", "layer")
 
 
-def refuse_unlearnable(methods: Sequence[str]) -> None:
-    """One line for a method whose merge is not a weighted sum of task vectors."""
+def refuse_unlearnable(methods: Sequence[str], config=None) -> None:
+    """One line, before anything is loaded, for a method whose merge is not a weighted
+    sum of task vectors, by name or by the recipe's settings (the kernel's own check,
+    ``AWDMerge.affine``, refuses the same per tensor)."""
     for method in methods:
         if method not in LEARNABLE:
             raise AWDParameterError(
                 f"--learn: {method} is not a weighted sum of task vectors, so its "
                 f"coefficients cannot be learned and written back as weights; --learn "
                 f"works with {' and '.join(LEARNABLE)} (--methods {','.join(LEARNABLE)})")
+    given = (config.parameters or {}) if config is not None else {}
+    if "awd" in methods and given.get("optimizer") == "adam":
+        raise AWDParameterError(
+            "awd (the recipe's optimizer: adam): the merge is not a weighted sum of task "
+            "vectors (optimizer: adam's delta is not in their span); learn with "
+            "optimizer: sgd")
 
 
 # peak RSS of a whole `tune --learn` over (inputs + memory_needed): SmolLM2-135M,
@@ -578,31 +586,14 @@ class Learning:
                 raise AWDParameterError(f"{name} must be {allowed}; got {value}")
 
 
-def learn_all(former, model, scorer, learning, tasks, rows, candidates, options, say):
-    """Learn each method's coefficients from its best static candidate."""
-    fit_tasks, held_tasks, held_index = evaluate.split(tasks, learning.holdout,
-                                                       options.random_seed or 0)
-    say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
-        f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
-        f"({learning.holdout:g} of each task); objective {learning.objective}")
-    learned, interrupted = [], False
+def starts(rows, candidates, scorer):
+    """(method, its best static candidate) for each learnable method that has one:
+    where each learned merge starts."""
     for method in dict.fromkeys(c.method for c in candidates if c.method in LEARNABLE):
         mine = [i for i, r in enumerate(rows) if r["method"] == method
-                and not r.get("as_written")]
-        if not mine:
-            continue
-        static = candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
-        entry = learn(former, model, static, learning, fit_tasks, held_tasks,
-                      scorer, options,
-                                say=lambda text, m=method: say(f"learn {m}: {text}"))
-        entry.summary["static_held_out"] = evaluate.part_means(
-            rows[candidates.index(static)]["scores"], held_index, scorer.names)
-        entry.held_index = held_index
-        learned.append(entry)
-        interrupted |= entry.fit.interrupted
-        if interrupted:
-            break
-    return learned, interrupted
+                and not r.get("as_written") and "error" not in r]
+        if mine:
+            yield method, candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
 
 
 def beats(a: tuple, b: tuple) -> bool:

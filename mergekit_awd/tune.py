@@ -185,8 +185,7 @@ def rivals(rows: Sequence[Dict], candidates: Sequence[Candidate], best: int,
            metric: str, config) -> Dict[int, str]:
     """What the choice is compared with: each other method's best candidate, and the
     recipe as written; row index -> why, best ranked first."""
-    ok = [i for i, r in enumerate(rows) if "error" not in r and r["mean"]
-          and not any(math.isnan(v) for v in r["mean"].values())]
+    ok = [i for i, r in enumerate(rows) if usable(r)]
     out = {}
     for method in dict.fromkeys(c.method for c in candidates):
         mine = [i for i in ok if candidates[i].method == method and
@@ -467,7 +466,7 @@ class Former:
             cfg = candidate_config(self.config, candidate)
             tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
             self.line = [key, None, None]
-            if lam == 0 or not self._wide(tasks, cfg.out_dtype):
+            if lam == 0 or not self._full_precision(tasks, cfg.out_dtype):
                 return cast(*self._formed(candidate))
             one = self._formed(candidate, deltas=True)[0]
             self.line[1] = (lam, one, tasks, cfg.out_dtype)
@@ -506,7 +505,7 @@ class Former:
                      (lam1, {n: one[n] + (moved[n] - zero[n]) for n in one}, tasks,
                       cfg.out_dtype), moved]
 
-    def _wide(self, tasks, out_dtype: Optional[str]) -> bool:
+    def _full_precision(self, tasks, out_dtype: Optional[str]) -> bool:
         """Every input of ``tasks`` (as read: after ``dtype:``) and every written
         tensor in 32 bits or more, and every task with a base among its inputs."""
         from mergekit.common import dtype_from_name
@@ -581,11 +580,12 @@ def zero_of(candidate: Candidate) -> Candidate:
     if candidate.is_awd:
         return Candidate("awd", tuple((k, 0.0 if k == "lambda" else v)
                                       for k, v in candidate.values
-                                      if k in ("lambda", "alpha", "keep_delta")))
+                                      if k in _AWD_KNOBS))
     return Candidate("task_arithmetic", (("lambda", 0.0),))
 
 
 _WIDE = (torch.float32, torch.float64)
+_AWD_KNOBS = {p.name for p in params.TUNABLE if p in params.COMMON}  # awd's own
 
 
 def _config_differences(loaded, written) -> str:
@@ -664,13 +664,25 @@ def swap_in(model, tensors: Dict[str, torch.Tensor]) -> None:
             state[name].copy_(tensor.to(state[name].dtype))
 
 
+def usable(row: Dict) -> bool:
+    """A scored row whose every mean is a number (one that may be chosen or compared)."""
+    return ("error" not in row and bool(row["mean"])
+            and not any(math.isnan(v) for v in row["mean"].values()))
+
+
+def setting_label(setting: Candidate) -> str:
+    """A λ search's setting: the method and its values other than λ."""
+    return line_key(setting)[0] + " " + " ".join(
+        f"{k}={v:g}" if v is not None else f"{k}=recipe's"
+        for k, v in setting.values if k != "lambda")
+
+
 def choose(rows: Sequence[Dict], metric: str) -> int:
     """Index of the best row (``evaluate.rank``). A row that failed, or has a NaN
     among its scores, never wins; nor does the recipe as written (a reference the
     choice is compared with, not a candidate)."""
-    scored = [i for i, r in enumerate(rows) if "error" not in r and r["mean"]
-              and not r.get("as_written")
-              and metric in r["mean"] and not any(math.isnan(v) for v in r["mean"].values())]
+    scored = [i for i, r in enumerate(rows) if usable(r) and not r.get("as_written")
+              and metric in r["mean"]]
     if not scored:
         raise RuntimeError("no candidate produced a score")
     return min(scored, key=lambda i: evaluate.rank(rows[i]["mean"], metric))
