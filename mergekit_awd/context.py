@@ -5,7 +5,7 @@ scope-global solve, the log of every solve (its report), the warnings already
 given, the Gram pass being recorded, and where the report goes. Each entry
 point makes one, in one place:
 
-- ``mergekit-awd merge / report / sweep / tune`` (``RunContext.for_recipe``) and
+- ``mergekit-awd merge / report / sweep / tune`` (``for_recipe``) and
   mergekit's in-memory API (``AWDMerge.__call__``) make it explicitly, make it
   current (``active``) for the merge, and write the report themselves when the
   merge has returned (``finish``: the JSON, the pictures and the model card's
@@ -81,18 +81,6 @@ class RunContext:
         # thread -> what the kernel records instead of merging there: a Gram pass
         # (scope.Collected) or the affine maps of a learned merge (scope.AffineMaps)
         self.recording: Dict[int, object] = {}
-
-    @classmethod
-    def for_recipe(cls, config, options, out_path: Optional[str] = None,
-                   known: Optional[scope.Collected] = None) -> "RunContext":
-        """The context of an explicit entry point: its Gram pass runs the recipe's
-        own tasks, planned by mergekit's planner as run_merge plans them."""
-        context = cls(config=config, options=options, out_path=out_path, known=known)
-        storage = options.device if options.low_cpu_memory else "cpu"  # as run_merge
-        context.gram_pass = lambda: scope.collect_tasks(
-            context, config.merge_method, mergekit_run.plan_tensor_tasks(config, options),
-            options.device, storage)
-        return context
 
     # -- being current -----------------------------------------------------------
 
@@ -170,10 +158,8 @@ class RunContext:
 
     def _solve_global(self, s: Settings, models: Tuple) -> GlobalSolution:
         known = self.known
-        usable = (known is not None and known.models == tuple(models)
-                  and known.settings is not None
-                  and known.settings.solver_key() == s.solver_key())
-        if usable:
+        if known is not None and known.settings is not None and known.models == tuple(
+                models) and known.settings.solver_key() == s.solver_key():
             collected = known
         elif self.gram_pass is None:
             raise AWDInputError(
@@ -217,17 +203,34 @@ class RunContext:
         if not self.out_path:
             LOG.info("awd: %s", self.log.summary_line())
             return []
-        from mergekit_awd import report
+        return write_report(self.log, self.out_path, card, self.quiet)
 
-        rep = self.log.report()
-        paths = report.write(rep, self.out_path)
-        readme = os.path.join(self.out_path, "README.md")
-        if card and os.path.exists(readme):
-            with open(readme, "a", encoding="utf-8") as f:
-                f.write(report.card_section(rep))
-        if not self.quiet:
-            print(f"awd: {self.log.summary_line()}\nawd report: {paths[0]}", file=sys.stderr)
-        return paths
+
+def for_recipe(config, options, out_path: Optional[str] = None,
+               known: Optional[scope.Collected] = None) -> RunContext:
+    """The context of an explicit entry point: its Gram pass runs the recipe's own
+    tasks, planned by mergekit's planner as run_merge plans them."""
+    context = RunContext(config=config, options=options, out_path=out_path, known=known)
+    storage = options.device if options.low_cpu_memory else "cpu"  # as run_merge
+    context.gram_pass = lambda: scope.collect_tasks(
+        context, config.merge_method, mergekit_run.plan_tensor_tasks(config, options),
+        options.device, storage)
+    return context
+
+
+def write_report(log: MergeLog, out_path: str, card: bool, quiet: bool) -> List[str]:
+    """The merge's report files in ``out_path`` (and the model card's section)."""
+    from mergekit_awd import report
+
+    rep = log.report()
+    paths = report.write(rep, out_path)
+    readme = os.path.join(out_path, "README.md")
+    if card and os.path.exists(readme):
+        with open(readme, "a", encoding="utf-8") as f:
+            f.write(report.card_section(rep))
+    if not quiet:
+        print(f"awd: {log.summary_line()}\nawd report: {paths[0]}", file=sys.stderr)
+    return paths
 
 
 _CURRENT: ContextVar[Optional[RunContext]] = ContextVar("awd_run", default=None)
@@ -288,7 +291,7 @@ def run_merge(config, out_path: str, options, source: Optional[str] = None,
     its report and model-card section written when run_merge has returned."""
     from mergekit.merge import run_merge as mergekit_run_merge
 
-    run = RunContext.for_recipe(config, options, out_path, known)
+    run = for_recipe(config, options, out_path, known)
     with run.active():
         mergekit_run_merge(config, out_path, options=options, config_source=source)
     return run.finish()

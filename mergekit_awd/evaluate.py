@@ -215,6 +215,38 @@ def _chat(messages, where: str, tokenizer, model_name: str, need_answers: bool =
     return prompt_ids, rest[:end + 1] if end is not None else _with_end(rest, tokenizer)
 
 
+def answer_ends(tokenizer, model_path: str, revision=None, remote: bool = False
+                ) -> List[int]:
+    """Every token that ends a greedy answer: the tokenizer's end of sequence, the chat
+    template's end of turn (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``: the first
+    special token after an answer it renders) and the model's
+    ``generation_config.eos_token_id`` (one id or a list)."""
+    ends = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        mark = "An answer."
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "A question?"},
+                 {"role": "assistant", "content": mark}], tokenize=False)
+        except Exception:  # a template that wants other turns: no end of turn from it
+            text = ""
+        if mark in text:
+            rest = tokenizer(text[text.index(mark) + len(mark):],
+                             add_special_tokens=False)["input_ids"]
+            specials = _special_ids(tokenizer)
+            ends += [next(t for t in rest if t in specials)] if any(
+                t in specials for t in rest) else []
+    try:
+        from transformers import GenerationConfig
+
+        given = GenerationConfig.from_pretrained(model_path, revision=revision,
+                                                 trust_remote_code=remote).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json
+        given = None
+    ends += [given] if isinstance(given, int) else list(given or [])
+    return list(dict.fromkeys(ends))
+
+
 def rows_of(examples: Sequence[Tuple[List[int], List[int]]], device):
     """Right-padded ``input_ids`` and ``attention_mask`` of (prompt, answer) rows."""
     width = max(len(p) + len(a) for p, a in examples)

@@ -269,7 +269,7 @@ def start(tasks, models: tuple, groups: Groups) -> Tuple[np.ndarray, bool]:
     """gamma of a static candidate: per tensor lambda * weight_k (/ sum of weights
     under normalize), averaged over each group; and whether it varied inside one
     (a recipe with per-layer weights of its own)."""
-    from mergekit_awd.method import coefficient_scale
+    from mergekit_awd.combination import coefficient_scale
 
     total = np.zeros((len(models), len(groups.labels)))
     seen: Dict[int, list] = {}

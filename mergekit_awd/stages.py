@@ -186,7 +186,7 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
                 f"prompts alone")
         learning.objective = learning.objective or ("loss" if complete else "entropy")
     test_tasks = evaluate.load_tasks(req.test, tokenizer, base_path) if req.test else []
-    end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end_ids = evaluate.answer_ends(tokenizer, base_path, revision, remote)
     device = options.device or "cpu"
     model = None if req.eval_cmd else tune.load_model(base_path, device, revision, remote)
     scorer = evaluate.Scorer(metric, end_ids, req.max_new_tokens, req.batch_tokens,
@@ -197,7 +197,9 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
         _check_learn_memory(config, model, former, limit)
     for method, reason in the_plan.left_out.items():
         say(f"tune: leaving out {method}: it cannot merge this recipe ({reason})")
-    say(f"tune: {tune.plan_line(the_plan.steps, the_plan.searched, req.budget)}; "
+    line = tune.plan_line(the_plan.steps, the_plan.searched, req.budget,
+                          len(the_plan.values["lambda"]))
+    say(f"tune: {line}; "
         f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples")
     former.prepare([c for _, settings, _ in the_plan.steps for c in settings])
     say("tune: forming candidates " + ("in memory" if former.in_memory
@@ -289,11 +291,20 @@ def search(req: Request, the_plan: Plan, ins: Inputs, record: Record, say) -> Se
                 if per_setting is None:  # an exact grid, or no lambda
                     evaluate_one(setting)
                     continue
+                ranks: dict = {}
                 path = tune.search_lambda(
-                    lambda lam, c=setting: evaluate_one(tune.with_lambda(c, lam)),
+                    lambda lam, c=setting: ranks.setdefault(
+                        lam, evaluate_one(tune.with_lambda(c, lam))),
                     the_plan.values["lambda"], per_setting)
-                found.searches.append({"setting": tune.setting_label(setting), "path": [
-                    {"lambda": lam, "phase": phase} for lam, phase in path]})
+                entry = {"setting": tune.setting_label(setting), "path": [
+                    {"lambda": lam, "phase": phase} for lam, phase in path]}
+                why = tune.unfinished(ranks)
+                if why is not None:
+                    entry["not_done"] = why
+                    say(f"tune: {entry['setting']}: the lambda search is not done: {why} "
+                        f"(--budget more than {per_setting} per setting, or --lambda "
+                        f"values around it)")
+                found.searches.append(entry)
         recipe_candidate = tune.as_written(req.config)
         written = tune.candidate_config(req.config, recipe_candidate).to_yaml()
         if not any(tune.candidate_config(req.config, c).to_yaml() == written
@@ -369,7 +380,8 @@ def compare(req: Request, the_plan: Plan, ins: Inputs, found: Search) -> Result:
         for j in rivals:
             data["comparisons"].append({
                 "other": rows[j]["candidate"], "why": rivals[j],
-                "validation": tune.compare(rows[best]["scores"], rows[j]["scores"], metric)})
+                "validation": tune.compare(rows[best]["scores"], rows[j]["scores"], metric,
+                                           selected=True)})
     return Result(data, best, rivals, chosen_label=candidates[best].label,
                   best_cfg=tune.candidate_config(req.config, candidates[best]))
 

@@ -153,7 +153,7 @@ def plan(methods: Sequence[str], values: Dict[str, Sequence[float]], searched: b
     return out
 
 
-def plan_line(plan_: list, searched: bool, budget: Optional[int]) -> str:
+def plan_line(plan_: list, searched: bool, budget: Optional[int], coarse: int = 5) -> str:
     """What the plan will evaluate, in one line."""
     parts = []
     for method, settings, per in plan_:
@@ -163,10 +163,19 @@ def plan_line(plan_: list, searched: bool, budget: Optional[int]) -> str:
             parts.append(f"{method} {len(settings)} x lambda search (<= {per})")
     return "candidates: " + ", ".join(parts) + (
         f" (lambda from the coarse grid, extended at edges within "
-        f"[{LAMBDA_LOW:g}, {LAMBDA_HIGH:g}], refined to {RESOLUTION:.0%}; "
+        f"[{LAMBDA_LOW:g}, {LAMBDA_HIGH:g}], refined to {RESOLUTION:.0%} where the budget "
+        f"allows: {_allows(plan_, coarse)}; "
         + (f"--budget {budget} per method)" if budget is not None else
            f"{PER_SETTING} evaluations per setting; --budget N: N per method)")
         if searched else "")
+
+
+def _allows(plan_: list, coarse: int) -> str:
+    """What a setting's evaluations buy after the coarse grid, in words."""
+    least = min((p for _, settings, p in plan_ if p is not None), default=PER_SETTING)
+    return (f"{least} evaluations a setting, {max(least - coarse, 0)} after the {coarse} "
+            f"coarse lambdas (one step out of the grid doubles or halves lambda; "
+            f"refining to {RESOLUTION:.0%} takes 4-6 steps)")
 
 
 def with_lambda(candidate: Candidate, lam: float) -> Candidate:
@@ -341,6 +350,53 @@ def default_max_memory() -> int:
     return 8 * 2**30
 
 
+@dataclass
+class LineEnd:
+    """f'(lambda_1): a setting's merge minus the base at its first lambda."""
+
+    lam: float
+    deltas: Dict[str, torch.Tensor]
+    tasks: list
+    out_dtype: Optional[str]
+
+
+@dataclass
+class Line:
+    """One setting of a method linear in lambda (``Former.form``): f'(lambda) =
+    f'(0) + (lambda / lambda_1) (f'(lambda_1) - f'(0)), f' = the merge minus the base."""
+
+    key: tuple  # ``line_key``: the setting apart from lambda
+    first: Optional[LineEnd] = None  # None: formed in full at every lambda (16 bits)
+    zero: Optional[Dict[str, torch.Tensor]] = None  # f'(0), from the second lambda on
+
+
+def memory_refusal(config, model, max_memory: int) -> str:
+    """Why candidates cannot be formed in memory ("" where they can): the inputs read
+    once, the scoring model, one candidate's tensors and the two ends of a line."""
+    need = input_bytes(config) + 4 * sum(p.numel() * p.element_size()
+                                         for p in model.parameters())
+    if need > max_memory:
+        return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
+                f"--max-memory {max_memory / 2**30:.1f} GiB")
+    return ""
+
+
+def layout_refusal(model, cfg, tasks, options) -> str:
+    """Why mergekit's output for ``cfg`` cannot be swapped into ``model`` ("" where it
+    can)."""
+    names = set(model.state_dict())
+    missing = [t.output_weight.name for t in tasks if t.output_weight.name not in names]
+    other = _config_differences(model.config, mergekit_run.out_config(cfg, options))
+    if other:
+        return (f"mergekit writes a model whose config differs from base_model's "
+                f"({other}: a slices recipe?)")
+    if missing:
+        return f"mergekit writes tensors the model does not have ({missing[0]}, ...)"
+    if not all(_is_method_task(t) for t in tasks):
+        return "the recipe needs tokenizer or vocabulary work per tensor"
+    return ""
+
+
 class Former:
     """Forms candidates of one recipe: in memory when possible, else on disk."""
 
@@ -351,65 +407,24 @@ class Former:
         self.input_tasks: list = []
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
-        # [line_key, (lambda_1, f'(lambda_1), tasks, out_dtype) or None (formed in
-        #  full at every lambda), f'(0)]: f' = the merge minus the base
-        self.line: Optional[list] = None
+        self.line: Optional[Line] = None  # the setting formed last (``form``)
         self.gram_seconds = 0.0
-        self.reason = ""
-        if in_memory:
-            self.reason = self._memory_check(max_memory)
-        else:
-            self.reason = "--eval-cmd scores a model folder"
+        self.reason = (memory_refusal(config, model, max_memory) if in_memory
+                       else "--eval-cmd scores a model folder")
         self.in_memory = in_memory and not self.reason
-
-    def _memory_check(self, max_memory: int) -> str:
-        # the inputs read once, the scoring model, one candidate's tensors and the
-        # two ends of the line lambda scales (``form``)
-        need = input_bytes(self.config) + 4 * sum(
-            p.numel() * p.element_size() for p in self.model.parameters())
-        if need > max_memory:
-            return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
-                    f"--max-memory {max_memory / 2**30:.1f} GiB")
-        return ""
 
     def prepare(self, candidates: Sequence[Candidate]) -> None:
         """Read the inputs (in memory) and make the one Gram pass AWD candidates share."""
         first_cfg = candidate_config(self.config, candidates[0])
         tasks = mergekit_run.plan_tensor_tasks(first_cfg, self.options)
         if self.in_memory:
-            names = set(self.model.state_dict())
-            missing = [t.output_weight.name for t in tasks
-                       if t.output_weight.name not in names]
-            other = _config_differences(self.model.config,
-                                        mergekit_run.out_config(first_cfg, self.options))
-            if other:
-                self.in_memory = False
-                self.reason = (f"mergekit writes a model whose config differs from "
-                               f"base_model's ({other}: a slices recipe?)")
-            elif missing:
-                self.in_memory = False
-                self.reason = (f"mergekit writes tensors the model does not have "
-                               f"({missing[0]}, ...)")
-            elif not all(_is_method_task(t) for t in tasks):
-                self.in_memory = False
-                self.reason = "the recipe needs tokenizer or vocabulary work per tensor"
-            else:
+            self.reason = layout_refusal(self.model, first_cfg, tasks, self.options)
+            self.in_memory = not self.reason
+            if self.in_memory:
                 self.input_tasks = tasks
                 self.inputs = Inputs(tasks, self.options)
-        awd = [c for c in candidates if c.is_awd]
-        if not awd:
-            return
-        awd_tasks = mergekit_run.plan_tensor_tasks(candidate_config(self.config, awd[0]),
-                                            self.options)
-        if not _global_scope(awd_tasks):
-            return
         start = time.perf_counter()
-        if self.inputs is not None:
-            self.collected = self.inputs.gram(awd_tasks)
-        else:
-            self.collected = scope.collect_tasks(
-                context.RunContext(options=self.options), awd[0].method, awd_tasks,
-                self.options.device, "cpu")
+        self.collected = shared_gram(self.config, self.options, self.inputs, candidates)
         self.gram_seconds = time.perf_counter() - start
 
     def known_gram(self, candidate: Candidate) -> Optional[scope.Collected]:
@@ -458,31 +473,31 @@ class Former:
             return cast(*self._formed(candidate, cfg))
         lam = candidate.overrides()["lambda"]
         key = line_key(candidate)
-        shifted = shifted_key(key)
-        if (self.line is not None and self.line[0] != key and self.line[1] is not None
-                and shifted is not None and shifted == shifted_key(self.line[0])):
+        line = self.line
+        if (line is not None and line.key != key and line.first is not None
+                and shifted_key(key) is not None and shifted_key(key) == shifted_key(line.key)):
             self._shift_line(candidate)  # another keep_delta: the same D, f'(0) moved
-        if self.line is None or self.line[0] != key:  # a new setting
+        if self.line is None or self.line.key != key:  # a new setting
             cfg = candidate_config(self.config, candidate)
             tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
-            self.line = [key, None, None]
-            if lam == 0 or not self._full_precision(tasks, cfg.out_dtype):
+            self.line = Line(key)
+            if lam == 0 or not full_precision(self.read_inputs(), tasks, cfg.out_dtype):
                 return cast(*self._formed(candidate))
             one = self._formed(candidate, deltas=True)[0]
-            self.line[1] = (lam, one, tasks, cfg.out_dtype)
-            return cast(self._plus_base(one, tasks), tasks, cfg.out_dtype)
-        _, first, zero = self.line
-        if first is None:  # 16 bits: in full at every lambda
+            self.line.first = LineEnd(lam, one, tasks, cfg.out_dtype)
+            return cast(plus_base(self.read_inputs(), one, tasks), tasks, cfg.out_dtype)
+        line = self.line
+        if line.first is None:  # 16 bits: in full at every lambda
             return cast(*self._formed(candidate))
-        lam1, one, tasks, out_dtype = first
-        if zero is None:  # the second lambda of this setting: f'(0), once
-            zero = self.line[2] = self._formed(zero_of(candidate), deltas=True)[0]
-            if set(zero) != set(one):
-                self.line[1] = None
+        one, tasks = line.first.deltas, line.first.tasks
+        if line.zero is None:  # the second lambda of this setting: f'(0), once
+            line.zero = self._formed(zero_of(candidate), deltas=True)[0]
+            if set(line.zero) != set(one):
+                line.first = None
                 return cast(*self._formed(candidate))
-        t = lam / lam1
-        return cast(self._plus_base({n: torch.lerp(zero[n], one[n], t) for n in one}, tasks),
-                    tasks, out_dtype)
+        t = lam / line.first.lam
+        return cast(plus_base(self.read_inputs(), {n: torch.lerp(line.zero[n], one[n], t) for n in one},
+                                    tasks), tasks, line.first.out_dtype)
 
     def _shift_line(self, candidate: Candidate) -> None:
         """Move the line just formed to ``candidate``'s keep_delta (an AWD method,
@@ -490,40 +505,22 @@ class Former:
         does not depend on it (the solve has no keep_delta), so the new line is the
         old one moved by f'_new(0) - f'_old(0), both formed by the cheap
         ``zero_of``: awd_ties' TIES combination is not formed again. (The old line
-        passed ``_wide``; keep_delta changes no dtype, so the new one does too.)"""
+        passed ``_full_precision``; keep_delta changes no dtype, so the new one does
+        too.)"""
         cfg = candidate_config(self.config, candidate)
         tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
-        _, (lam1, one, _, _), zero = self.line
+        first, zero = self.line.first, self.line.zero
         if zero is None:
             old = dataclasses.replace(candidate, values=tuple(
-                kv for kv in self.line[0][1] if kv[0] != "lambda") + (("lambda", lam1),))
+                kv for kv in self.line.key[1] if kv[0] != "lambda") + (("lambda", first.lam),))
             zero = self._formed(zero_of(old), deltas=True)[0]
         moved = self._formed(zero_of(candidate), deltas=True)[0]
+        one = first.deltas
         if not set(zero) == set(moved) == set(one):
             return
-        self.line = [line_key(candidate),
-                     (lam1, {n: one[n] + (moved[n] - zero[n]) for n in one}, tasks,
-                      cfg.out_dtype), moved]
-
-    def _full_precision(self, tasks, out_dtype: Optional[str]) -> bool:
-        """Every input of ``tasks`` (as read: after ``dtype:``) and every written
-        tensor in 32 bits or more, and every task with a base among its inputs."""
-        from mergekit.common import dtype_from_name
-
-        inputs = self.read_inputs()
-        for task in tasks:
-            value = inputs.values.get(gather_key(task.gather_tensors)) or {}
-            written = task.output_weight.force_dtype or out_dtype
-            if (inputs.base_of(task) is None
-                    or any(t.dtype not in _WIDE for t in value.values())
-                    or (written is not None and dtype_from_name(written) not in _WIDE)):
-                return False
-        return True
-
-    def _plus_base(self, moved: Dict[str, torch.Tensor], tasks) -> Dict[str, torch.Tensor]:
-        inputs = self.read_inputs()
-        return {t.output_weight.name: inputs.base_of(t).to(moved[t.output_weight.name].dtype)
-                + moved[t.output_weight.name] for t in tasks if t.output_weight.name in moved}
+        self.line = Line(line_key(candidate), LineEnd(
+            first.lam, {n: one[n] + (moved[n] - zero[n]) for n in one}, tasks,
+            cfg.out_dtype), moved)
 
     def _formed(self, candidate: Candidate, cfg=None, deltas: bool = False):
         """(raw merged tensors, their tasks, the recipe's out_dtype): the candidate
@@ -550,6 +547,42 @@ class Former:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def full_precision(inputs: Inputs, tasks, out_dtype: Optional[str]) -> bool:
+    """Every input of ``tasks`` (as read: after ``dtype:``) and every written
+    tensor in 32 bits or more, and every task with a base among its inputs."""
+    from mergekit.common import dtype_from_name
+
+    for task in tasks:
+        value = inputs.values.get(gather_key(task.gather_tensors)) or {}
+        written = task.output_weight.force_dtype or out_dtype
+        if (inputs.base_of(task) is None
+                or any(t.dtype not in _WIDE for t in value.values())
+                or (written is not None and dtype_from_name(written) not in _WIDE)):
+            return False
+    return True
+
+def plus_base(inputs: Inputs, moved: Dict[str, torch.Tensor], tasks) -> Dict[str, torch.Tensor]:
+    """base + the merged deltas, tensor by tensor."""
+    return {t.output_weight.name: inputs.base_of(t).to(moved[t.output_weight.name].dtype)
+            + moved[t.output_weight.name] for t in tasks if t.output_weight.name in moved}
+
+
+def shared_gram(config, options, inputs: Optional[Inputs], candidates
+                ) -> Optional[scope.Collected]:
+    """The one Gram pass the AWD candidates share (None: no AWD candidate, or not
+    ``scope: global``), from the inputs read once where there are."""
+    awd = [c for c in candidates if c.is_awd]
+    if not awd:
+        return None
+    tasks = mergekit_run.plan_tensor_tasks(candidate_config(config, awd[0]), options)
+    if not _global_scope(tasks):
+        return None
+    if inputs is not None:
+        return inputs.gram(tasks)
+    return scope.collect_tasks(context.RunContext(options=options), awd[0].method, tasks,
+                               options.device, "cpu")
 
 
 def scalable(candidate: Candidate) -> bool:
@@ -787,6 +820,32 @@ def search_lambda(score, coarse: Sequence[float], budget: int, low: float = LAMB
     return path
 
 
+def unfinished(ranks: Dict[float, Optional[tuple]], low: float = LAMBDA_LOW,
+               high: float = LAMBDA_HIGH, resolution: float = RESOLUTION) -> Optional[str]:
+    """Why a finished lambda search did not find its best lambda to ``resolution``
+    (``ranks``: lambda -> rank, None where it failed), or None where it did: the best
+    is the largest or the smallest lambda tried, or a neighbour of it is farther than
+    ``resolution``."""
+    ok = {lam: r for lam, r in ranks.items() if r is not None}
+    if not ok:
+        return None
+    b = min(ok, key=lambda lam: (ok[lam], lam))
+    tried = sorted(ranks)
+    i = tried.index(b)
+    for end, side, bound, way in ((len(tried) - 1, "largest", high, "above"),
+                                  (0, "smallest", low, "below")):
+        if i == end:
+            limit = (f"; the search goes no further than {bound:g}"
+                     if (b >= bound if way == "above" else b <= bound) else "")
+            return (f"the best lambda is the {side} tried ({b:g}): the score may still "
+                    f"improve {way} it{limit}")
+    gap = max(b - tried[i - 1], tried[i + 1] - b)
+    if gap > resolution * b:
+        return (f"the best lambda ({b:g}) is known to {gap / b:.0%} only (its neighbours "
+                f"tried: {tried[i - 1]:g} and {tried[i + 1]:g}), not to {resolution:.0%}")
+    return None
+
+
 def settings_budget(method: str, settings: int, coarse: int, budget: Optional[int]) -> int:
     """Evaluations each setting of ``method``'s other knobs may spend on lambda
     (``budget`` None: ``PER_SETTING``)."""
@@ -805,13 +864,15 @@ def settings_budget(method: str, settings: int, coarse: int, budget: Optional[in
 
 
 def compare(a: Dict[str, Dict], b: Dict[str, Dict], metric: str, z: float = 1.96,
-            resamples: int = 2000) -> Dict:
+            resamples: int = 2000, power_z: float = 0.8416, selected: bool = False) -> Dict:
     """``a`` against ``b`` (per-task scores with per-example values, the same examples)
     on ``metric``: the paired difference a - b (mean over tasks of each task's mean),
     its 95% bootstrap interval resampling examples within tasks, whether the
     interval excludes 0, and, from the paired variance, how many examples per task
-    would make an interval of that difference exclude 0 (None where it already does,
-    or where the two never differ)."""
+    would make a test of that difference exclude 0 with 80% power: (z + power_z)^2
+    var / D^2 (None where it already does, or where the two never differ).
+    ``selected``: ``a`` was chosen on these same examples, so the interval is
+    optimistic (the best of many equal candidates looks better than it is)."""
     import numpy as np
 
     each = f"{metric}_each"
@@ -824,9 +885,10 @@ def compare(a: Dict[str, Dict], b: Dict[str, Dict], metric: str, z: float = 1.96
         d = [np.asarray(x[t], float) - np.asarray(y[t], float) for t in x]
         var = sum(float(v.var(ddof=1)) if len(v) > 1 else 0.0 for v in d) / len(d) ** 2
         if diff != 0 and var > 0:
-            need = math.ceil(z * z * var / (diff * diff))
+            need = math.ceil((z + power_z) ** 2 * var / (diff * diff))
     return {"metric": metric, "difference": diff, "ci95": [low, high],
-            "separated": separated, "examples_per_task_to_separate": need}
+            "separated": separated, "examples_per_task_to_separate": need,
+            "after_selection": selected}
 
 
 def comparison_line(label: str, other: str, c: Dict) -> str:
@@ -834,9 +896,11 @@ def comparison_line(label: str, other: str, c: Dict) -> str:
     low, high = c["ci95"]
     text = (f"{label} - {other}: {c['metric']} {c['difference']:+.4f} "
             f"[95% CI {low:+.4f}, {high:+.4f}]")
+    if c.get("after_selection"):
+        text += " (taken after choosing on these data: optimistic)"
     if c["separated"]:
         return text + ": the data separate the two"
     need = c["examples_per_task_to_separate"]
     return text + (": the data cannot separate the two"
-                   + (f" (about {need} examples per task would, at this difference)"
+                   + (f" (about {need} examples per task would, at 80% power)"
                       if need else " (they score the same on every example)"))

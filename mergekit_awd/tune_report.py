@@ -13,6 +13,8 @@ def lines(req, ins, found, result) -> List[str]:
     """The report printed at the end of a run (stdout)."""
     data, rows, best = result.data, found.rows, result.best
     out = [table(rows, best, ins.metric, data["comparisons"])]
+    out += [f"lambda search not done ({s['setting']}): {s['not_done']}"
+            for s in data["lambda_search"] if "not_done" in s]
     for c in data["comparisons"]:
         out.append(f"validation ({c['why']}): " + tune.comparison_line(
             rows[best]["candidate"], c["other"], c["validation"]))

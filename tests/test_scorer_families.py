@@ -168,3 +168,32 @@ def test_a_prompt_whose_tokens_change_is_scored_with_the_completion_alone(tmp_pa
     eos = tok.eos_token_id
     assert task.examples[0][1] == tok("42", add_special_tokens=False)["input_ids"] + [eos]
     assert task.examples[1][1] == tok(" 42", add_special_tokens=False)["input_ids"] + [eos]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_greedy_answer_ends_at_the_end_of_turn_and_the_generation_config(family, tmp_path):
+    """tune's greedy answers (entropy, --objective entropy) stop where a chat answer
+    ends: the end of sequence, the template's end of turn, and the model's
+    generation_config.eos_token_id; text after the turn is never read."""
+    import json as json_
+
+    from mergekit_awd import evaluate
+
+    tok = _tokenizer(family)
+    _, _, _, eos, end, template = FAMILIES[family]
+    eos_id, end_id = tok.convert_tokens_to_ids(eos), tok.convert_tokens_to_ids(end)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert evaluate.answer_ends(tok, str(folder)) == list(dict.fromkeys([eos_id, end_id]))
+    (folder / "generation_config.json").write_text(json_.dumps({"eos_token_id": [7, eos_id]}))
+    assert evaluate.answer_ends(tok, str(folder)) == list(dict.fromkeys([eos_id, end_id, 7]))
+    (folder / "generation_config.json").write_text(json_.dumps({"eos_token_id": 9}))
+    assert evaluate.answer_ends(tok, str(folder)) == list(dict.fromkeys([eos_id, end_id, 9]))
+    # the model says three words, the end of turn, then goes on: the answer stops there
+    words = [t for t in range(len(tok)) if t not in (eos_id, end_id, 7, 9)][-5:]
+    chain = {words[0]: words[1], words[1]: words[2], words[2]: end_id, end_id: words[3],
+             words[3]: words[4]}
+    model = _model(len(tok), chain)
+    (answer,) = evaluate.greedy_answers(model, [[words[0]]], evaluate.answer_ends(
+        tok, str(folder)), max_new_tokens=8)
+    assert answer == [words[1], words[2], end_id]

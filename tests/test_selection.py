@@ -65,7 +65,7 @@ def test_multi_gpu_worker_threads_read_the_merge_s_trust_remote_code(family):
 
     def worker():
         assert LoaderCache().trust_remote_code is False  # this thread's default
-        AWDMerge()._settings(group, p, run)
+        AWDMerge().settings(group, p, run)
 
     thread = threading.Thread(target=worker)
     thread.start()

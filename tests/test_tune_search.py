@@ -47,9 +47,16 @@ def test_interval_is_the_bootstrap_of_paired_differences_within_tasks():
     assert c["ci95"][0] == pytest.approx(low, abs=1e-9)
     assert c["ci95"][1] == pytest.approx(high, abs=1e-9)
     assert not c["separated"]
-    # from the paired variance: n = 1.96^2 (s_x^2 + s_y^2) / (T^2 D^2) examples per task
+    # from the paired variance, at 80% power: n = (1.96 + 0.8416)^2 (s_x^2 + s_y^2) /
+    # (T^2 D^2) examples per task
     var = (np.var(d["x"], ddof=1) + np.var(d["y"], ddof=1)) / 4
-    assert c["examples_per_task_to_separate"] == int(np.ceil(1.96 ** 2 * var / (1 / 3) ** 2))
+    assert c["examples_per_task_to_separate"] == int(
+        np.ceil((1.96 + 0.8416) ** 2 * var / (1 / 3) ** 2))
+    assert "would, at 80% power" in tune.comparison_line("A", "B", c)
+    assert "optimistic" not in tune.comparison_line("A", "B", c)
+    chosen = tune.compare(a, b, "exact", selected=True)
+    assert "(taken after choosing on these data: optimistic)" in tune.comparison_line(
+        "A", "B", chosen)
 
 
 def test_an_interval_that_excludes_zero_separates():
@@ -253,7 +260,7 @@ def test_lambda_scaled_candidate_equals_mergekit_yaml(example, tmp_path, method,
     former.form(cand(0.5))
     formed = former.form(cand(1.3))  # the second lambda of this setting: scaled
     assert [c.method for c in calls] == [method, tune.zero_of(cand(1.3)).method]
-    assert former.line[2] is not None
+    assert former.line.zero is not None
     formed_again = former.form(cand(0.8))  # a third: no formation at all
     assert len(calls) == 2
 
@@ -349,3 +356,49 @@ def test_the_default_budget_is_per_setting():
     # the search stops at the budget: the coarse grid and one step
     path = tune.search_lambda(lambda lam: (-lam,), [0.25, 0.5, 0.75, 1.0, 1.5], 6)
     assert [p for p, _ in path] == [0.25, 0.5, 0.75, 1.0, 1.5, 3.0]
+
+
+def test_a_search_that_stops_short_says_so():
+    """The edge of what was tried, or a last gap wider than the resolution: one line
+    naming it; a search that got there: nothing."""
+    from mergekit_awd import tune
+
+    coarse = [0.25, 0.5, 0.75, 1.0, 1.5]
+    rising = {}
+    tune.search_lambda(lambda lam: rising.setdefault(lam, (-lam,)), coarse, 6)
+    assert tune.unfinished(rising) == (
+        "the best lambda is the largest tried (3): the score may still improve above it")
+    falling = {}
+    tune.search_lambda(lambda lam: falling.setdefault(lam, (lam,)), coarse, 6)
+    assert tune.unfinished(falling).startswith("the best lambda is the smallest tried (0.125)")
+    at_bound = {lam: (-lam,) for lam in (1.0, 16.0)}
+    assert tune.unfinished(at_bound).endswith("the search goes no further than 16")
+    peak = {}
+    tune.search_lambda(lambda lam: peak.setdefault(lam, (abs(lam - 0.8),)), coarse, 6)
+    assert tune.unfinished(peak) == ("the best lambda (0.8455) is known to 18% only (its "
+                                     "neighbours tried: 0.75 and 1), not to 5%")
+    done = {}
+    tune.search_lambda(lambda lam: done.setdefault(lam, (abs(lam - 0.8),)), coarse, 30)
+    assert tune.unfinished(done) is None
+    assert tune.unfinished({0.5: None, 1.0: None}) is None  # nothing scored
+    # a failed lambda is an edge too: the best beside it is not inside what was scored
+    assert tune.unfinished({0.5: (2,), 1.0: (1,), 1.5: None}) is not None
+
+
+def test_tune_marks_a_search_that_stopped_at_its_edge(example, tmp_path):
+    _, paths, data, recipe = example
+    recipe = _copy(recipe)
+    recipe["merge_method"] = "task_arithmetic"
+    recipe["parameters"] = {}
+    for entry in recipe["models"]:
+        entry["parameters"] = {"weight": 0.1}  # the best lambda is far above the grid
+    out = tmp_path / "t"
+    result = _tune([_write(tmp_path / "r.yml", recipe), *_data_args(data, tasks=("sort",)),
+                    "--out", out, "--methods", "task_arithmetic", "--metric", "loss"])
+    assert result.exit_code == 0, result.output
+    (search,) = json.loads((out / "tune.json").read_text())["lambda_search"]
+    assert search["not_done"] == ("the best lambda is the largest tried (3): the score may "
+                                  "still improve above it")
+    assert ("lambda search not done (task_arithmetic ): the best lambda is the largest "
+            "tried (3)") in result.output
+    assert "6 evaluations a setting, 1 after the 5 coarse lambdas" in result.output

@@ -1,8 +1,10 @@
-"""Tables of one `mergekit-awd tune` run with --test over the data-free rules (issue #33):
+"""Tables of `mergekit-awd tune` runs with --test over the data-free rules (issue #33):
 every method's best candidate on validation, scored once on test, per task, with the
-general-prompt loss, and paired test differences (95% bootstrap within tasks).
+general-prompt loss, and paired test differences (95% bootstrap within tasks); with
+several runs (seeds), each run's tables, then the differences pooled over the seeds
+(the mean of the seeds' differences, bootstrap within task and seed).
 
-    python benchmarks/smollm2/data_free_tables.py TUNE_DIR/tune.json
+    python benchmarks/smollm2/data_free_tables.py SEED0/tune.json [SEED1/tune.json ...]
 """
 
 from __future__ import annotations
@@ -81,5 +83,59 @@ def main(path: str) -> None:
     print(f"\nchosen: {t['test']['candidate']}")
 
 
+def pooled(paths) -> None:
+    """Per method: mean test exact over the seeds, and paired differences pooled."""
+    runs = [json.load(open(p)) for p in paths]
+    tests = [tested(t) for t in runs]
+    bests = [best_per_method(t) for t in runs]
+    methods = [m for m in bests[0] if all(m in b and test.get(b[m]["candidate"])
+                                            for b, test in zip(bests, tests))]
+
+    def scores(method):
+        return [test[b[method]["candidate"]] for b, test in zip(bests, tests)]
+
+    def pooled_diff(a, b, n=2000, seed=0):
+        rng = np.random.default_rng(seed)
+        per_seed = []
+        for x, y in zip(a, b):
+            diffs = [np.array(x[k]["exact_each"], float) - np.array(y[k]["exact_each"], float)
+                     for k in TASKS]
+            point = np.mean([d.mean() for d in diffs])
+            boots = np.mean([d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1)
+                             for d in diffs], axis=0)
+            per_seed.append((point, boots))
+        point = float(np.mean([p for p, _ in per_seed]))
+        boots = np.mean([b for _, b in per_seed], axis=0)
+        return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+    print(f"\npooled over {len(runs)} seeds: test exact (mean of seeds), general loss, "
+          "paired differences in test exact points [95% CI]")
+    print("| method | test mean | per seed | general loss | - TIES | AWD variant - plain |")
+    print("|---|---:|---|---:|---:|---:|")
+    for method in methods:
+        s = scores(method)
+        means = [100 * np.mean([x[k]["exact"] for k in TASKS]) for x in s]
+        loss = np.mean([x["general"]["loss"] for x in s])
+        cells = []
+        if "ties" in methods and method != "ties":
+            d = pooled_diff(s, scores("ties"))
+            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+        else:
+            cells.append("")
+        plain = method.removeprefix("awd_")
+        if plain != method and plain in methods:
+            d = pooled_diff(s, scores(plain))
+            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+        else:
+            cells.append("")
+        print(f"| {method} | {np.mean(means):.1f} | " + " / ".join(f"{m:.1f}" for m in means)
+              + f" | {loss:.2f} | " + " | ".join(cells) + " |")
+    print("chosen: " + "; ".join(t["test"]["candidate"] for t in runs))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for path in sys.argv[1:]:
+        print(f"## {path}")
+        main(path)
+    if len(sys.argv) > 2:
+        pooled(sys.argv[1:])

@@ -85,14 +85,16 @@ def recipe(base: str, models, path: str) -> str:
 
 
 def tune(recipe_path: str, data: str, out: str, args) -> dict:
-    """One `mergekit-awd tune` run (cached; its progress in OUT/tune.log): choose on
-    validation, score the choice and what it is compared with once on test."""
+    """One `mergekit-awd tune` run (its progress in OUT/tune.log): choose on
+    validation, score the choice and what it is compared with once on test. A run
+    that stopped is continued by tune itself (OUT/record.jsonl); a finished one is
+    read back."""
     result = os.path.join(out, "tune.json")
     if os.path.exists(result):
         with open(result) as f:
-            cached = json.load(f)
-        if not cached.get("interrupted"):
-            return cached
+            done = json.load(f)
+        if "process_seconds" in done:  # written below, once the command finished
+            return done
     command = [os.path.join(os.path.dirname(sys.executable), "mergekit-awd"), "tune",
                recipe_path, "--out", out, *args]
     for task in make.TASKS:
@@ -101,7 +103,7 @@ def tune(recipe_path: str, data: str, out: str, args) -> dict:
     command += ["--test", f"general={data}/general.jsonl"]
     os.makedirs(out, exist_ok=True)
     began = time.time()
-    with open(os.path.join(out, "tune.log"), "w") as log:
+    with open(os.path.join(out, "tune.log"), "a") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     with open(result) as f:
         out_json = json.load(f)
