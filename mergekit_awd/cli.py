@@ -210,8 +210,13 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "example has a completion) or the entropy of the model's own answers "
                    "(AdaMerging's; prompts alone suffice)")
 @click.option("--holdout", type=float, default=0.25, show_default=True,
-              help="fraction of each --data task held out from --learn's fit: it picks "
-                   "the step to keep and decides learned vs static")
+              help="--learn: fraction of what --decide leaves of each task held out "
+                   "from the fit: it picks the step to keep")
+@click.option("--decide", type=float, default=0.25, show_default=True,
+              help="--learn: fraction of each --data task set aside to decide learned vs "
+                   "static (the search, the fit and the step choice never see it): the "
+                   "learned merge replaces the static one only where the 95%% interval of "
+                   "their difference on it excludes 0")
 @click.option("--learn-steps", type=int, default=60, show_default=True,
               help="--learn: optimizer steps")
 @click.option("--learn-lr", type=float, default=0.05, show_default=True,
@@ -237,9 +242,9 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "run continues its own record and refuses another run's)")
 @add_merge_options
 def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
-                 budget, metric, eval_cmd, learn, objective, holdout, learn_steps, learn_lr,
-                 learn_batch, eval_every, max_new_tokens, out_dir, merge_to, max_memory,
-                 batch_tokens, restart, **knobs):
+                 budget, metric, eval_cmd, learn, objective, holdout, decide, learn_steps,
+                 learn_lr, learn_batch, eval_every, max_new_tokens, out_dir, merge_to,
+                 max_memory, batch_tokens, restart, **knobs):
     """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
 
     Every candidate is the recipe with those values replaced; the winner is written
@@ -253,7 +258,7 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
     learning = None
     if learn:
         learning = learn_mod.Learning(learn, objective, holdout, learn_steps, learn_lr,
-                                      learn_batch, eval_every)
+                                      learn_batch, eval_every, decide)
     request = stages.Request(
         config, merge_options, data, test, methods,
         {p.name: knobs[p.name] for p in params.TUNABLE}, metric, eval_cmd, out_dir,

@@ -511,10 +511,10 @@ class Scorer:
         return rank(means, self.metric)
 
 
-def split(tasks: Sequence[Task], holdout: float, seed: int = 0):
+def split(tasks: Sequence[Task], holdout: float, seed: int = 0, salt: str = ""):
     """Each task's examples in two parts, a fraction ``holdout`` (at least one, and
-    at least one left) drawn at random (``seed``): (fit tasks, held-out tasks, the
-    held-out indices per task name)."""
+    at least one left) drawn at random (``seed``, ``salt`` for another draw): (the
+    rest, the held-out tasks, the held-out indices per task name)."""
     import random
 
     fit, held, index = [], [], {}
@@ -524,7 +524,7 @@ def split(tasks: Sequence[Task], holdout: float, seed: int = 0):
             raise AWDDataError(f"{task.path}: --learn needs at least 2 examples per task "
                                f"(one to fit, one held out); it has {n}")
         k = min(n - 1, max(1, round(holdout * n)))
-        chosen = sorted(random.Random(f"{seed}-{task.name}").sample(range(n), k))
+        chosen = sorted(random.Random(f"{seed}-{salt}{task.name}").sample(range(n), k))
         rest = [i for i in range(n) if i not in set(chosen)]
         index[task.name] = chosen
         fit.append(Task(task.name, task.path, [task.examples[i] for i in rest]))

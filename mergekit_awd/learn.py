@@ -574,10 +574,12 @@ class Learning:
     lr: float
     batch: int
     eval_every: int
+    decide: float = 0.25  # of each --data task, set aside for learned vs static
 
     def check(self) -> None:
         for name, value, ok, allowed in (
                 ("--holdout", self.holdout, 0 < self.holdout < 1, "in (0, 1)"),
+                ("--decide", self.decide, 0 < self.decide < 1, "in (0, 1)"),
                 ("--learn-steps", self.steps, self.steps >= 0, ">= 0"),
                 ("--learn-lr", self.lr, self.lr > 0, "> 0"),
                 ("--learn-batch", self.batch, self.batch >= 1, ">= 1"),
@@ -596,43 +598,24 @@ def starts(rows, candidates, scorer):
             yield method, candidates[min(mine, key=lambda i: scorer.rank(rows[i]["mean"]))]
 
 
-def beats(a: tuple, b: tuple) -> bool:
-    """``a`` ranks before ``b`` by more than float noise (the same merge formed two
-    ways can differ in a loss's last digits)."""
-    for x, y in zip(a, b):
-        if abs(x - y) > 1e-7 * max(1.0, abs(x), abs(y)):
-            return x < y
-    return False
+def top(learned, scorer) -> Optional[int]:
+    """The learned merge that goes to the decision (its index), or None: the best on
+    the step part (examples its fit did not use) among those whose fit moved (kept a
+    step > 0; at step 0 the learned merge is its static start)."""
+    moved = [i for i, e in enumerate(learned) if e.fit.step > 0]
+    return min(moved, key=lambda i: scorer.rank(learned[i].summary["held_out"])) if moved \
+        else None
 
 
-def winner(learned, rows, best, scorer, say) -> Optional[int]:
-    """The learned merge that beats the best static candidate on the held-out part
-    (its index), or None: the static one stays best.yml."""
-    if not learned:
-        return None
-    i = min(range(len(learned)), key=lambda j: scorer.rank(learned[j].summary["held_out"]))
-    entry = learned[i]
-    static = evaluate.part_means(rows[best]["scores"], entry.held_index, scorer.names)
-    metric = scorer.metric
-    each = f"{metric}_each"
-    diff = evaluate.paired_interval(
-        {t: s[each] for t, s in entry.held_scores.items()},
-        {t: [rows[best]["scores"][t][each][i] for i in chosen]
-         for t, chosen in entry.held_index.items()})
-    entry.summary["best_static"] = rows[best]["candidate"]
-    entry.summary["best_static_held_out"] = static
-    entry.summary["minus_best_static"] = {"metric": metric, "difference": diff[0],
-                                          "ci95": [diff[1], diff[2]]}
-    better = entry.fit.step > 0 and beats(scorer.rank(entry.summary["held_out"]),
-                                           scorer.rank(static))
-    say(f"tune --learn: held-out {metric} of {entry.label} "
-        f"{entry.summary['held_out'][metric]:.4f} vs {static[metric]:.4f} for the best "
-        f"static candidate ({rows[best]['candidate']}): difference {diff[0]:+.4f}, 95% CI "
-        f"[{diff[1]:+.4f}, {diff[2]:+.4f}]; "
-        + ("the learned merge is best.yml" if better else
-           "the learned merge does not beat it, so best.yml stays the static one "
-           "(the learned recipe is learned.yml)"))
-    return i if better else None
+def verdict(learned_scores: Dict, static_scores: Dict, metric: str) -> dict:
+    """learned - static on the same examples (none of which chose either), and whether
+    the learned merge replaces the static one: only where the 95% interval of the
+    difference excludes 0 on the better side (higher exact, lower loss or entropy)."""
+    from mergekit_awd import tune
+
+    c = tune.compare(learned_scores, static_scores, metric)
+    low, high = c["ci95"]
+    return {**c, "adopted": bool(low > 0 if metric == "exact" else high < 0)}
 
 
 # -- the recipe and the picture -------------------------------------------------------

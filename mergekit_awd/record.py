@@ -46,6 +46,8 @@ def header(req, the_plan, metric: str) -> dict:
         "budget": req.budget,
         "metric": metric,
         "eval_cmd": req.eval_cmd,
+        # with --learn the rows are scored without the examples set aside to decide
+        "decide": req.learning.decide if req.learning is not None else None,
         "max_new_tokens": req.max_new_tokens,
         "batch_tokens": req.batch_tokens,
         "device": options.device or "cpu",

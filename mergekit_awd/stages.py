@@ -83,6 +83,7 @@ class Inputs:
     former: tune.Former
     device: str
     remote: bool
+    decide_tasks: list = field(default_factory=list)  # --learn: learned vs static
 
 
 @dataclass
@@ -185,6 +186,9 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
                 f"needs; give --objective entropy (or leave it out) to learn from "
                 f"prompts alone")
         learning.objective = learning.objective or ("loss" if complete else "entropy")
+        tasks, decide_tasks = set_aside(tasks, learning.decide, options.random_seed or 0)
+    else:
+        decide_tasks = []
     test_tasks = evaluate.load_tasks(req.test, tokenizer, base_path) if req.test else []
     end_ids = evaluate.answer_ends(tokenizer, base_path, revision, remote)
     device = options.device or "cpu"
@@ -200,7 +204,9 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
     line = tune.plan_line(the_plan.steps, the_plan.searched, req.budget,
                           len(the_plan.values["lambda"]))
     say(f"tune: {line}; "
-        f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples")
+        f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples"
+        + (f" ({sum(len(t.examples) for t in decide_tasks)} more set aside to decide "
+           f"learned vs static: --decide {learning.decide:g})" if decide_tasks else ""))
     former.prepare([c for _, settings, _ in the_plan.steps for c in settings])
     say("tune: forming candidates " + ("in memory" if former.in_memory
                                         else f"on disk ({former.reason})"))
@@ -211,7 +217,20 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
     if former.collected is not None:
         say(f"tune: one Gram pass for every AWD candidate ({former.gram_seconds:.1f} s)")
     return Inputs(tasks, test_tasks, "external" if req.eval_cmd else metric, scorer, model,
-                  former, device, remote)
+                  former, device, remote, decide_tasks)
+
+
+def set_aside(tasks, fraction: float, seed: int):
+    """(what the search, the fit and the step choice use; the decision part): a
+    fraction of each task that nothing sees before learned vs static is decided."""
+    for task in tasks:
+        if len(task.examples) < 3:
+            raise evaluate.AWDDataError(
+                f"{task.path}: --learn needs at least 3 examples per task (to fit, to "
+                f"choose the step, to decide learned vs static); it has "
+                f"{len(task.examples)}")
+    rest, decide, _ = evaluate.split(tasks, fraction, seed, salt="decide")
+    return rest, decide
 
 
 def _check_learn_memory(config, model, former, limit: int) -> None:
@@ -396,8 +415,9 @@ def learn(req: Request, ins: Inputs, found: Search, result: Result, say) -> bool
     split = evaluate.split(ins.tasks, learning.holdout, req.options.random_seed or 0)
     fit_tasks, held_tasks, held_index = split
     say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
-        f"examples, hold out {sum(len(t.examples) for t in held_tasks)} "
-        f"({learning.holdout:g} of each task); objective {learning.objective}")
+        f"examples, choose the step on {sum(len(t.examples) for t in held_tasks)} "
+        f"(--holdout {learning.holdout:g}), decide on "
+        f"{sum(len(t.examples) for t in ins.decide_tasks)}; objective {learning.objective}")
     result.data["learned"], interrupted = [], False
     for method, static in learn_mod.starts(rows, candidates, ins.scorer):
         try:
@@ -419,34 +439,61 @@ def learn(req: Request, ins: Inputs, found: Search, result: Result, say) -> bool
         if interrupted:
             break
     result.data["interrupted"] = interrupted
-    _choose_learned(result, rows, ins.scorer, say)
+    result.data["best_learned"] = None
+    if not interrupted:
+        decide(req, ins, found, result, say)
     write(req, ins, found, result)
     return interrupted
 
 
-def _choose_learned(result: Result, rows, scorer, say) -> None:
-    winner = learn_mod.winner(result.learned, rows, result.best, scorer, say)
-    result.data["best_learned"] = winner
-    if winner is None:
-        static = result.data["candidates"][result.best]
-        result.chosen_label, result.chosen_tensors = static["candidate"], None
+def decide(req: Request, ins: Inputs, found: Search, result: Result, say) -> None:
+    """The learned merge that scored best on the step part against the static choice,
+    both scored on the decision part that neither the search, the fit nor the step
+    choice saw; the learned one becomes best.yml only where the 95% interval of the
+    difference excludes 0 in its favour."""
+    i = learn_mod.top(result.learned, ins.scorer)
+    static = found.candidates[result.best]
+    if i is None:
+        if result.learned:
+            say("tune --learn: no fit moved from its static start (step 0 kept): "
+                "best.yml stays the static one")
         return
-    entry = result.learned[winner]
-    result.chosen_label, result.chosen_tensors, result.best_cfg = (
-        entry.label, entry.tensors, entry.config)
+    entry = result.learned[i]
+    static_scores = run_candidate(req, ins, static, ins.decide_tasks)[0]
+    tune.swap_in(ins.model, entry.tensors)
+    learned_scores = ins.scorer.scores(ins.model, ins.decide_tasks)
+    verdict = learn_mod.verdict(learned_scores, static_scores, ins.metric)
+    result.data["decision"] = {
+        "learned": entry.label, "static": static.label,
+        "examples": {t.name: len(t.examples) for t in ins.decide_tasks},
+        "learned_mean": ins.scorer.means(learned_scores),
+        "static_mean": ins.scorer.means(static_scores), **verdict}
+    say("tune --learn: decided on examples nothing before saw: "
+        + tune.comparison_line(entry.label, static.label, verdict) + "; "
+        + ("the learned merge is best.yml" if verdict["adopted"] else
+           "not separated in its favour, so best.yml stays the static one (the learned "
+           "recipe is learned.yml)"))
+    if verdict["adopted"]:
+        result.data["best_learned"] = i
+        result.chosen_label, result.chosen_tensors, result.best_cfg = (
+            entry.label, entry.tensors, entry.config)
 
 
 # -- test ----------------------------------------------------------------------------
 
 
 def test(req: Request, ins: Inputs, found: Search, result: Result) -> None:
-    """The chosen merge, the learned ones and every rival, scored once on --test."""
+    """The chosen merge, the learned ones, the static choice (where a learned merge
+    was made) and every rival, scored once on --test; the decided learned merge
+    against the static choice, paired."""
     data, candidates = result.data, found.candidates
-    tested = [(result.chosen_label, result.chosen_tensors, "chosen")] + [
-        (e.label, e.tensors, "learned, not chosen") for e in result.learned
-        if e.tensors is not result.chosen_tensors]
-    data["test"] = {}
-    for label, tensors, role in tested:
+    static_label = candidates[result.best].label
+    tested = [(result.chosen_label, result.chosen_tensors)] + [
+        (e.label, e.tensors) for e in result.learned if e.tensors is not result.chosen_tensors]
+    if result.chosen_tensors is not None:
+        tested.append((static_label, None))
+    data["test"], scored = {}, {}
+    for k, (label, tensors) in enumerate(tested):
         if tensors is None:
             scores, means, _, _ = run_candidate(req, ins, candidates[result.best],
                                                 ins.test_tasks)
@@ -454,11 +501,17 @@ def test(req: Request, ins: Inputs, found: Search, result: Result) -> None:
             tune.swap_in(ins.model, tensors)
             scores = ins.scorer.scores(ins.model, ins.test_tasks)
             means = ins.scorer.means(scores)
-        if role == "chosen":
-            data["test"].update({"candidate": label, "scores": scores, "mean": means})
+        scored[label] = scores
+        item = {"candidate": label, "scores": scores, "mean": means}
+        if k == 0:
+            data["test"].update(item)
+        elif tensors is None:
+            data["test_static"] = item
         else:
-            data.setdefault("test_learned", []).append(
-                {"candidate": label, "scores": scores, "mean": means})
+            data.setdefault("test_learned", []).append(item)
+    if "decision" in data:
+        data["decision"]["test"] = tune.compare(scored[data["decision"]["learned"]],
+                                                scored[static_label], ins.metric)
     for comparison, j in zip(data["comparisons"], result.rivals):
         scores, means, _, _ = run_candidate(req, ins, candidates[j], ins.test_tasks)
         comparison["test"] = tune.compare(data["test"]["scores"], scores, ins.metric)

@@ -19,12 +19,24 @@ def lines(req, ins, found, result) -> List[str]:
         out.append(f"validation ({c['why']}): " + tune.comparison_line(
             rows[best]["candidate"], c["other"], c["validation"]))
     out += [entry.line() for entry in result.learned]
+    decision = data.get("decision")
+    if decision:
+        out.append(f"decision (examples nothing before saw, {sum(decision['examples'].values())}"
+                   f"): " + tune.comparison_line(decision["learned"], decision["static"],
+                                                  decision)
+                   + ("; adopted" if decision["adopted"] else "; not adopted"))
     names = ins.scorer.names
-    for t in ([data["test"]] if "test" in data else []) + data.get("test_learned", []):
+    tested = [data["test"]] if "test" in data else []
+    tested += data.get("test_learned", []) + ([data["test_static"]] if "test_static" in data
+                                              else [])
+    for t in tested:
         out.append(f"test ({t['candidate']}, scored once): "
                    + " ".join(f"{name} " + "/".join(f"{s[m]:.3f}" for m in names)
                               for name, s in t["scores"].items())
                    + "  mean " + ", ".join(f"{m} {v:.4f}" for m, v in t["mean"].items()))
+    if decision and "test" in decision:
+        out.append("test (learned - static, scored once): " + tune.comparison_line(
+            decision["learned"], decision["static"], decision["test"]))
     for c in data["comparisons"]:
         if "test" in c:
             out.append(f"test ({c['why']}, scored once): " + tune.comparison_line(

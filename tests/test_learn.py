@@ -350,7 +350,7 @@ def test_static_stays_best_when_learning_does_not_beat_it(example, tmp_path):
                     "--methods", "awd,task_arithmetic", "--lambda", "0.3", "--learn", "model",
                     "--learn-steps", "0"])
     assert result.exit_code == 0, result.output
-    assert "does not beat it, so best.yml stays the static one" in result.output
+    assert "no fit moved from its static start (step 0 kept)" in result.output
     table = json.loads((out / "tune.json").read_text())
     assert table["best_learned"] is None
     best = table["candidates"][table["best"]]
@@ -387,8 +387,79 @@ def test_interrupt_keeps_the_best_coefficients_so_far(example, tmp_path, monkeyp
     assert (out / "learned.yml").exists() and (out / "best.yml").exists()
 
 
+def _prompts(tasks):
+    return {(t.name, str(p)) for t in tasks for p, _ in t.examples}
+
+
+def test_fit_step_and_decision_use_disjoint_examples(example, tmp_path, monkeypatch):
+    """Each stage of --learn sees examples no earlier stage used: the search and the fit
+    never score the decision part; the fit never the step part; the decision, scored on
+    both merges, decides best.yml; --test scores both and keeps their paired difference."""
+    from mergekit_awd import evaluate, learn, stages
+
+    _, paths, data, recipe = example
+    seen, parts = [], {}
+    scores = evaluate.Scorer.scores
+    monkeypatch.setattr(evaluate.Scorer, "scores", lambda self, model, tasks: (
+        seen.append(_prompts(tasks)), scores(self, model, tasks))[1])
+    real_learn, real_decide = learn.learn, stages.decide
+
+    def learn_(*a, **k):
+        parts["fit"], parts["step"] = _prompts(a[4]), _prompts(a[5])
+        return real_learn(*a, **k)
+
+    def decide_(req, ins, *a):
+        parts["decide"], parts["before"] = _prompts(ins.decide_tasks), list(seen)
+        return real_decide(req, ins, *a)
+
+    monkeypatch.setattr(learn, "learn", learn_)
+    monkeypatch.setattr(stages, "decide", decide_)
+    out = tmp_path / "t"
+    result = _tune([_write(tmp_path / "r.yml", recipe), *_data_args(data), *_data_args(data, "test"),
+                    "--out", out, "--methods", "awd", "--lambda", "0.3,0.6", "--learn", "model",
+                    "--learn-steps", "4", "--eval-every", "2", "--learn-lr", "0.2",
+                    "--metric", "loss"])
+    assert result.exit_code == 0, result.output
+    everything = sum(1 for t in EXAMPLE_TASKS for _ in open(data[f"{t}.val"]))
+    fit, step, decide = parts["fit"], parts["step"], parts["decide"]
+    assert fit and step and decide
+    assert not fit & step and not (fit | step) & decide and len(fit | step | decide) == everything
+    assert all(not s & decide for s in parts["before"])  # search, fit, step: never the decision
+    table = json.loads((out / "tune.json").read_text())
+    d = table["decision"]
+    assert sum(d["examples"].values()) == len(decide)
+    assert (table["best_learned"] is not None) == d["adopted"]
+    assert d["adopted"] == (d["ci95"][1] < 0)  # loss: lower is better
+    assert ((out / "best.yml").read_text() == (out / "learned.yml").read_text()) == d["adopted"]
+    # --test: the learned merge and the static choice both scored, their paired difference kept
+    by = {t["candidate"]: t for t in [table["test"], *table.get("test_learned", []),
+                                       *([table["test_static"]] if "test_static" in table else [])]}
+    diff = np.mean([np.mean(np.subtract(by[d["learned"]]["scores"][t]["loss_each"],
+                                        by[d["static"]]["scores"][t]["loss_each"]))
+                    for t in EXAMPLE_TASKS])
+    assert d["test"]["difference"] == pytest.approx(diff, abs=1e-9)
+    assert "test (learned - static, scored once): " in result.output
+
+
+@pytest.mark.parametrize("metric, learned, static, adopted", [
+    ("exact", [1] * 12 + [0] * 8, [0] * 6 + [1] * 10 + [0] * 4, False),  # +0.1 in noise
+    ("exact", [1] * 18 + [0] * 2, [1] * 4 + [0] * 16, True),
+    ("loss", [0.5] * 20, [0.6] * 19 + [0.4], True),
+    ("loss", [0.6] * 20, [0.5] * 20, False),  # the learned merge is worse
+])
+def test_learned_merge_is_adopted_only_where_the_interval_excludes_zero(
+        metric, learned, static, adopted):
+    from mergekit_awd import learn
+
+    wrap = lambda v: {"t": {metric: float(np.mean(v)), f"{metric}_each": v}}  # noqa: E731
+    verdict = learn.verdict(wrap(learned), wrap(static), metric)
+    assert verdict["adopted"] is adopted
+    assert verdict["difference"] == pytest.approx(np.mean(learned) - np.mean(static))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "awd,ties"], "--learn: ties is not a weighted sum of task vectors"),
+    (["--decide", "1"], "--decide must be in (0, 1); got 1"),
     (["--methods", "slerp"], "--learn works with awd and task_arithmetic"),
     (["--eval-cmd", "echo 1"], "--learn fits and stops on the built-in scores"),
     (["--holdout", "1.5"], "must be in (0, 1); got 1.5"),
