@@ -148,6 +148,9 @@ def plan(req: Request) -> Plan:
     searched = req.knobs["lambda"] is None
     steps = tune.plan(methods, values, searched, req.budget)
     left_out = tune.check_methods(config, methods, req.options, given=bool(req.methods))
+    if not req.methods:
+        left_out.update(tune.costly(config, [m for m in methods if m not in left_out
+                                             and m != recipe_method], req.options))
     return Plan([m for m in methods if m not in left_out], values, searched,
                 [s for s in steps if s[0] not in left_out], left_out)
 
@@ -200,7 +203,7 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
     if learning is not None:
         _check_learn_memory(config, model, former, limit)
     for method, reason in the_plan.left_out.items():
-        say(f"tune: leaving out {method}: it cannot merge this recipe ({reason})")
+        say(f"tune: leaving out {method}: {reason}")
     line = tune.plan_line(the_plan.steps, the_plan.searched, req.budget,
                           len(the_plan.values["lambda"]))
     say(f"tune: {line}; "

@@ -129,7 +129,14 @@ def grid(methods: Sequence[str], values: Dict[str, Sequence[float]]) -> List[Can
 # what tune compares when --methods is not given (besides the recipe's own method):
 # mergekit's two most used task-vector merges, and AWD alone and with TIES (the
 # paper's Table 4)
-DEFAULT_METHODS = ("task_arithmetic", "ties", "awd", "awd_ties")
+DEFAULT_METHODS = ("task_arithmetic", "ties", "awd", "awd_ties", "wudi", "tsv", "iso_c")
+# The data-free rules among them beat TIES in SmolLM2 regime (a), every seed measured
+# (docs/benchmarks.md), but cost far more to form than a sum: at 135M parameters, 4 task
+# vectors, 2 CPU cores, wudi ~10 min, tsv ~70 s, iso_c ~13 s (task arithmetic 5 s),
+# growing with parameters x width. A default tune leaves each out, with one line, above
+# these parameters per model on CPU (100x more with --cuda: an estimate from flop
+# counts, not measured); --methods names them at any size.
+COSTLY_DEFAULTS = {"wudi": 0.3e9, "tsv": 1e9, "iso_c": 3e9}
 
 
 def plan(methods: Sequence[str], values: Dict[str, Sequence[float]], searched: bool,
@@ -721,6 +728,25 @@ def choose(rows: Sequence[Dict], metric: str) -> int:
     return min(scored, key=lambda i: evaluate.rank(rows[i]["mean"], metric))
 
 
+def costly(config, methods: Sequence[str], options) -> Dict[str, str]:
+    """The default methods too slow to form at this model's size (COSTLY_DEFAULTS):
+    method -> why."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(config.base_model).index
+    count = 0.0
+    for name in set(index.tensor_paths.values()):
+        path = os.path.join(index.base_path, name)
+        if os.path.exists(path):
+            count += os.path.getsize(path) / (_stored_itemsize(path) or 2)
+    on_gpu = (options.device or "cpu") != "cpu"
+    limits = {m: v * (100 if on_gpu else 1) for m, v in COSTLY_DEFAULTS.items()}
+    return {m: (f"forming it takes hours at {count / 1e9:.1f}B parameters "
+                f"{'on this device' if on_gpu else 'on CPU'} (a default tune runs it up to "
+                f"{limits[m] / 1e9:g}B); name it in --methods to run it anyway")
+            for m in methods if m in limits and count > limits[m]}
+
+
 def check_methods(config, methods: Sequence[str], options, given: bool = True
                   ) -> Dict[str, str]:
     """Each method planned once on the recipe, before anything is read: one line for
@@ -738,7 +764,7 @@ def check_methods(config, methods: Sequence[str], options, given: bool = True
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             why = f"{type(error).__name__}: {reason[:300]}"
             if not given and method != config.merge_method:
-                left_out[method] = why
+                left_out[method] = f"it cannot merge this recipe ({why})"
                 continue
             raise AWDParameterError(
                 f"--methods: {method} cannot merge this recipe ({why}); leave it out of "

@@ -250,3 +250,32 @@ def test_load_model_passes_the_revision(monkeypatch):
     with pytest.raises(Stop):
         tune.load_model("org/model", revision="v2", trust_remote_code=True)
     assert seen["revision"] == "v2" and seen["trust_remote_code"] is True
+
+
+def test_default_methods_leave_out_data_free_rules_too_slow_at_this_size(example, monkeypatch):
+    """A default tune runs wudi, tsv and iso_c where they are cheap enough to form and
+    leaves each out, with its reason, above its size on CPU; --methods names them anyway."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_awd import cli, params, stages, tune
+
+    _, paths, data, recipe = example
+    config = MergeConfiguration.model_validate(recipe)
+    parameters = sum(t.numel() for t in reference.load(paths["base"]).values())
+
+    def plan(methods=None):
+        req = stages.Request(config, MergeOptions(quiet=True), (), (), methods,
+                             {p.name: None for p in params.TUNABLE}, None, None, "out",
+                             knob_values=cli._knob_values)
+        return stages.plan(req)
+
+    small = plan()
+    assert {"wudi", "tsv", "iso_c"} <= set(small.methods) and not small.left_out
+    monkeypatch.setattr(tune, "COSTLY_DEFAULTS", {"wudi": parameters * 0.99,
+                                                  "tsv": parameters * 1.01})
+    large = plan()
+    assert set(large.left_out) == {"wudi"}
+    assert "forming it takes hours" in large.left_out["wudi"]
+    assert "tsv" in large.methods and "wudi" not in large.methods
+    assert "wudi" in plan("awd,wudi").methods  # named: run at any size
