@@ -435,8 +435,6 @@ class Learned:
     models: tuple
     fit: Fit
     summary: dict
-    held_scores: Dict = field(default_factory=dict)
-    held_index: Dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -557,7 +555,7 @@ def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, option
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     return Learned(static.method, learning.kind, static, config, tensors, groups, models,
-                   result, summary, held_scores)
+                   result, summary)
 
 
 # -- what tune asks for ------------------------------------------------------------------

@@ -434,7 +434,6 @@ def learn(req: Request, ins: Inputs, found: Search, result: Result, say) -> bool
             continue
         entry.summary["static_held_out"] = evaluate.part_means(
             rows[candidates.index(static)]["scores"], held_index, ins.scorer.names)
-        entry.held_index = held_index
         result.learned.append(entry)
         result.data["learned"].append(entry.summary)
         write(req, ins, found, result)  # best.yml stays the static one until all are in

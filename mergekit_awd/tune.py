@@ -313,19 +313,23 @@ def input_bytes(config) -> int:
     """Bytes every input model's weights take once read: the sizes of their files,
     scaled to the recipe's ``dtype:`` where it sets one (mergekit casts as it reads)."""
     from mergekit.common import dtype_from_name
-    from mergekit.io.tasks import LoaderCache
 
     wanted = dtype_from_name(config.dtype).itemsize if config.dtype else None
     total = 0.0
     for model in config.referenced_models():
-        index = LoaderCache().get(model).index
-        for name in set(index.tensor_paths.values()):
-            path = os.path.join(index.base_path, name)
-            if not os.path.exists(path):
-                continue
+        for path in _weight_files(model):
             stored = _stored_itemsize(path) if wanted else None
             total += os.path.getsize(path) * (wanted / stored if stored else 1.0)
     return int(total)
+
+
+def _weight_files(model) -> List[str]:
+    """The weight files of ``model`` (a ModelReference) that exist on disk."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    paths = (os.path.join(index.base_path, name) for name in set(index.tensor_paths.values()))
+    return [p for p in paths if os.path.exists(p)]
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -731,14 +735,8 @@ def choose(rows: Sequence[Dict], metric: str) -> int:
 def costly(config, methods: Sequence[str], options) -> Dict[str, str]:
     """The default methods too slow to form at this model's size (COSTLY_DEFAULTS):
     method -> why."""
-    from mergekit.io.tasks import LoaderCache
-
-    index = LoaderCache().get(config.base_model).index
-    count = 0.0
-    for name in set(index.tensor_paths.values()):
-        path = os.path.join(index.base_path, name)
-        if os.path.exists(path):
-            count += os.path.getsize(path) / (_stored_itemsize(path) or 2)
+    count = sum(os.path.getsize(p) / (_stored_itemsize(p) or 2)
+                for p in _weight_files(config.base_model))
     on_gpu = (options.device or "cpu") != "cpu"
     limits = {m: v * (100 if on_gpu else 1) for m, v in COSTLY_DEFAULTS.items()}
     return {m: (f"forming it takes hours at {count / 1e9:.1f}B parameters "
