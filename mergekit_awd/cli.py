@@ -16,6 +16,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_awd  # noqa: F401  (registers the methods)
 from mergekit_awd import context, evaluate, mergekit_run, params, report, scope, stages, tune
+from mergekit_awd import keep as keep_mod
 from mergekit_awd import learn as learn_mod
 from mergekit_awd.params import AWDParameterError
 from mergekit_awd.record import RecordMismatch
@@ -217,6 +218,19 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "static (the search, the fit and the step choice never see it): the "
                    "learned merge replaces the static one only where the 95%% interval of "
                    "their difference on it excludes 0")
+@click.option("--keep", "keep", multiple=True,
+              help="JSONL of prompts (answers optional) the merged model must go on "
+                   "answering as before, e.g. general chat prompts; repeatable. A prompt "
+                   "alone is answered by the base model (or --keep-model) once; every "
+                   "candidate's loss on those answers is reported (keep loss), and --learn "
+                   "fits it too")
+@click.option("--keep-model", "keep_model", default=None,
+              help="--keep: the model whose greedy answers are the reference (default: "
+                   "the base model), e.g. the instruct model the fine-tunes came from; "
+                   "same tokenizer as the base model")
+@click.option("--keep-weight", "keep_weight", type=float, default=None,
+              help=f"--learn --keep: weight of the keep loss in the fit's objective "
+                   f"(default {keep_mod.DEFAULT_WEIGHT:g}; 0 reports it without fitting it)")
 @click.option("--learn-steps", type=int, default=60, show_default=True,
               help="--learn: optimizer steps")
 @click.option("--learn-lr", type=float, default=0.05, show_default=True,
@@ -242,7 +256,8 @@ def _knob_values(p, given: Optional[str], config) -> List[Optional[float]]:
                    "run continues its own record and refuses another run's)")
 @add_merge_options
 def tune_command(merge_options: MergeOptions, config_file: str, data, test, methods,
-                 budget, metric, eval_cmd, learn, objective, holdout, decide, learn_steps,
+                 budget, metric, eval_cmd, learn, objective, holdout, decide, keep,
+                 keep_model, keep_weight, learn_steps,
                  learn_lr, learn_batch, eval_every, max_new_tokens, out_dir, merge_to,
                  max_memory, batch_tokens, restart, **knobs):
     """Choose lambda, alpha, keep_delta (and the method) on your own held-out data.
@@ -264,7 +279,7 @@ def tune_command(merge_options: MergeOptions, config_file: str, data, test, meth
         {p.name: knobs[p.name] for p in params.TUNABLE}, metric, eval_cmd, out_dir,
         merge_to=merge_to, max_memory=max_memory, batch_tokens=batch_tokens,
         learning=learning, max_new_tokens=max_new_tokens, budget=budget, restart=restart,
-        knob_values=_knob_values)
+        knob_values=_knob_values, keep=keep, keep_model=keep_model, keep_weight=keep_weight)
     try:
         interrupted = stages.run(request, _say(merge_options),
                                  lambda lines: click.echo("\n".join(lines)))

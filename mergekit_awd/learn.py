@@ -325,13 +325,16 @@ class _Batches:
 def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held_tasks,
         measure: Callable, rank: Callable, *, objective: str = "loss", steps: int = 60,
         lr: float = 0.01, batch: int = 8, eval_every: int = 10, end_ids=(),
-        max_new_tokens: int = 64, seed: int = 0,
+        max_new_tokens: int = 64, seed: int = 0, keep=None,
         say: Callable[[str], None] = lambda text: None) -> Fit:
     """Adam on gamma alone. ``measure(model, tasks)`` scores the swapped-in model on
     the held-out tasks (means), ``rank(means)`` orders scores (lower is better):
     evaluated at step 0 (the static start), every ``eval_every`` steps and at the
     end; the best evaluation's gamma is kept (ties keep the earlier). Ctrl-C stops
-    and keeps the best so far."""
+    and keeps the best so far. ``keep`` (keep.Keep): each step also takes
+    ``keep_batch(batch)`` keep examples and adds ``keep.weight`` x their loss to the
+    objective; each evaluation records the keep loss on the report part (not used to
+    choose the step)."""
     from mergekit_awd.tune import swap_in
 
     started = time.perf_counter()
@@ -341,6 +344,7 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
     gamma = torch.tensor(gamma0, dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([gamma], lr=lr)
     batches = _Batches(fit_tasks, seed)
+    keeps = _Batches([keep.fit], seed + 1) if keep is not None and keep.weight else None
     history: List[dict] = []
     best = None
     interrupted = False
@@ -351,21 +355,25 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
         means = measure(model, held_tasks)
         history.append({"step": step, "fit": fit_value, "held_out": means,
                         "gamma": gamma.detach().cpu().tolist()})
+        if keep is not None:
+            history[-1]["keep_loss"] = keep.scores(model)["loss"]
         if best is None or rank(means) < rank(best[1]):
             best = (step, means, gamma.detach().clone())
         return means
 
     try:
         means = evaluate_at(0, None)
-        say(f"step 0/{steps}: held-out " + _show(means))
+        say(f"step 0/{steps}: held-out " + _show(means) + _kept(history))
         for step in range(1, steps + 1):
             tick = time.perf_counter()
             examples = batches.take(batch)
+            kept = (keeps.take(keep_batch(batch)), keep.weight) if keeps else None
             value = _step(model, basis, groups, gamma, optimizer, examples, objective,
-                          end_ids, max_new_tokens)
-            line = f"step {step}/{steps}: fit {objective} {value:.4f}"
+                          end_ids, max_new_tokens, kept)
+            line = f"step {step}/{steps}: fit {objective}" + (
+                f" + {keep.weight:g} x keep" if kept else "") + f" {value:.4f}"
             if step % eval_every == 0 or step == steps:
-                line += ", held-out " + _show(evaluate_at(step, value))
+                line += ", held-out " + _show(evaluate_at(step, value)) + _kept(history)
             say(f"{line} ({time.perf_counter() - tick:.1f} s)")
     except KeyboardInterrupt:
         interrupted = True
@@ -377,8 +385,22 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
     return Fit(kept.cpu(), step, history, interrupted, time.perf_counter() - started)
 
 
+def keep_batch(batch: int) -> int:
+    """Keep examples per step beside ``batch`` task examples: half as many (the
+    fit's cost with --keep stays under 1.5x of its cost without, measured in
+    docs/design.md)."""
+    return max(1, batch // 2)
+
+
+def _kept(history: List[dict]) -> str:
+    value = history[-1].get("keep_loss")
+    return "" if value is None else f", keep loss {value:.4f}"
+
+
 def _step(model, basis, groups, gamma, optimizer, examples, objective, end_ids,
-          max_new_tokens) -> float:
+          max_new_tokens, kept=None) -> float:
+    """One Adam step on the objective of ``examples`` (plus, with ``kept`` =
+    (keep examples, weight), weight x their completion loss); its value."""
     from mergekit_awd.tune import swap_in
 
     params = basis.tensors(gamma, groups)
@@ -388,6 +410,8 @@ def _step(model, basis, groups, gamma, optimizer, examples, objective, end_ids,
         answers = evaluate.greedy_answers(model, prompts, end_ids, max_new_tokens)
         examples = list(zip(prompts, answers))
     value = _objective(model, params, examples, objective)
+    if kept is not None:
+        value = value + kept[1] * _objective(model, params, kept[0], "loss")
     optimizer.zero_grad()
     value.backward()
     optimizer.step()
@@ -454,9 +478,14 @@ class Learned:
     def line(self) -> str:
         s = self.summary
         show = lambda means: ", ".join(f"{k} {v:.4f}" for k, v in means.items())  # noqa
+        keep = ""
+        if s.get("keep"):
+            keep = f"; keep loss {s['keep']['loss']:.4f}" + (
+                f" (static start {s['static_keep_loss']:.4f})"
+                if "static_keep_loss" in s else "")
         return (f"{self.label}: kept step {s['step_kept']} of {s['steps']}; fit {show(s['fit'])}"
                 f"; held-out {show(s['held_out'])} (static start {show(s['static_held_out'])})"
-                f"; {s['seconds']:.0f} s, peak {s['peak_rss_gib']:.1f} GiB")
+                f"{keep}; {s['seconds']:.0f} s, peak {s['peak_rss_gib']:.1f} GiB")
 
 
 @dataclass
@@ -515,7 +544,7 @@ def prepare(former, static, kind: str, options, device="cpu") -> Setup:
 
 
 def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, options,
-          say: Callable[[str], None] = lambda text: None) -> Learned:
+          keep=None, say: Callable[[str], None] = lambda text: None) -> Learned:
     """Learn ``static``'s method's coefficients from ``static`` (a tune Candidate)."""
     import resource
 
@@ -533,7 +562,7 @@ def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, option
                  scorer.rank, objective=learning.objective, steps=learning.steps,
                  lr=learning.lr, batch=learning.batch, eval_every=learning.eval_every,
                  end_ids=scorer.end_ids, max_new_tokens=scorer.max_new_tokens,
-                 seed=options.random_seed or 0, say=say)
+                 seed=options.random_seed or 0, keep=keep, say=say)
     # the recipe (6 significant digits), formed as mergekit-yaml forms it: what is
     # scored from here on (the basis served the fit; in a recipe computed in 16 bits
     # mergekit's own arithmetic differs from it in the last bits)
@@ -551,7 +580,9 @@ def learn(former, model, static, learning, fit_tasks, held_tasks, scorer, option
         "lr": learning.lr, "batch": learning.batch, "history": result.history,
         "fit": scorer.measure(model, fit_tasks), "held_out": scorer.means(held_scores),
         "interrupted": result.interrupted,
-        "seconds": time.perf_counter() - started,
+        "keep": keep.scores(model) if keep is not None else None,
+        "keep_weight": keep.weight if keep is not None else None,
+        "fit_seconds": result.seconds, "seconds": time.perf_counter() - started,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     return Learned(static.method, learning.kind, static, config, tensors, groups, models,
@@ -605,15 +636,27 @@ def top(learned, scorer) -> Optional[int]:
         else None
 
 
-def verdict(learned_scores: Dict, static_scores: Dict, metric: str) -> dict:
+def verdict(learned_scores: Dict, static_scores: Dict, metric: str,
+            keeps: Optional[Tuple[dict, dict]] = None) -> dict:
     """learned - static on the same examples (none of which chose either), and whether
     the learned merge replaces the static one: only where the 95% interval of the
-    difference excludes 0 on the better side (higher exact, lower loss or entropy)."""
+    difference excludes 0 on the better side (higher exact, lower loss or entropy)
+    and, with ``keeps`` (the two keep losses, keep.Keep.scores, on the keep examples
+    the fit did not see), where its keep loss is not separated as worse."""
     from mergekit_awd import tune
 
     c = tune.compare(learned_scores, static_scores, metric)
     low, high = c["ci95"]
-    return {**c, "adopted": bool(low > 0 if metric == "exact" else high < 0)}
+    better = bool(low > 0 if metric == "exact" else high < 0)
+    out = {**c, "adopted": better}
+    if not better:
+        out["why_not"] = "its gain is not separated from 0"
+    if keeps is not None:
+        out["keep"] = tune.compare({"keep": keeps[0]}, {"keep": keeps[1]}, "loss")
+        if out["keep"]["ci95"][0] > 0:
+            out["adopted"] = False
+            out["why_not"] = "it forgets: its keep loss is separated as worse"
+    return out
 
 
 # -- the recipe and the picture -------------------------------------------------------

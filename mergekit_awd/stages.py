@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from mergekit_awd import context, evaluate, params, tune
+from mergekit_awd import keep as keep_mod
 from mergekit_awd import learn as learn_mod
 from mergekit_awd.record import Record
 
@@ -62,6 +63,9 @@ class Request:
     budget: Optional[int] = None
     restart: bool = False
     knob_values: Callable = None  # (ParameterSpec, given, config) -> values
+    keep: tuple = ()  # --keep files
+    keep_model: Optional[str] = None
+    keep_weight: Optional[float] = None
 
 
 @dataclass
@@ -84,6 +88,18 @@ class Inputs:
     device: str
     remote: bool
     decide_tasks: list = field(default_factory=list)  # --learn: learned vs static
+    keep: Optional[keep_mod.Keep] = None  # --keep: what the merge must go on doing
+
+
+@dataclass
+class Scored:
+    """One candidate formed and scored."""
+
+    scores: Dict
+    means: Dict[str, float]
+    form_seconds: float
+    score_seconds: float
+    keep: Optional[dict] = None  # its keep loss (keep.Keep.scores), where asked
 
 
 @dataclass
@@ -120,6 +136,7 @@ def check(req: Request) -> None:
     if config.base_model.lora is not None:
         raise UsageProblem("tune loads base_model as the model to score: give it "
                            "without a LoRA adapter")
+    keep_mod.check(req.keep, req.keep_model, req.keep_weight, req.eval_cmd)
     if req.eval_cmd and req.test:
         raise UsageProblem("--test is scored by the built-in scorer; with --eval-cmd, "
                            "run your evaluator on the merge of best.yml (--merge-to)")
@@ -196,6 +213,9 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
     end_ids = evaluate.answer_ends(tokenizer, base_path, revision, remote)
     device = options.device or "cpu"
     model = None if req.eval_cmd else tune.load_model(base_path, device, revision, remote)
+    keep = keep_mod.load(req.keep, req.keep_model, req.keep_weight, tokenizer, base_path,
+                         model, end_ids, req.max_new_tokens, learning,
+                         options.random_seed or 0, remote, req.batch_tokens, say)
     scorer = evaluate.Scorer(metric, end_ids, req.max_new_tokens, req.batch_tokens,
                              model is not None and evaluate.prefix_agrees(model, tasks))
     limit = int(req.max_memory * 2**30) if req.max_memory else tune.default_max_memory()
@@ -210,7 +230,9 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
         f"{len(tasks)} task(s), {sum(len(t.examples) for t in tasks)} examples"
         + (f" ({sum(len(t.examples) for t in decide_tasks)} more set aside to decide "
            f"learned vs static: --decide {learning.decide:g})" if decide_tasks else ""))
-    former.prepare([c for _, settings, _ in the_plan.steps for c in settings])
+    # the recipe as written is scored after the plan's candidates: its Gram pass too
+    former.prepare([c for _, settings, _ in the_plan.steps for c in settings]
+                   + [tune.as_written(config)])
     say("tune: forming candidates " + ("in memory" if former.in_memory
                                         else f"on disk ({former.reason})"))
     if learning is not None and not former.in_memory:
@@ -220,7 +242,7 @@ def inputs(req: Request, the_plan: Plan, say) -> Inputs:
     if former.collected is not None:
         say(f"tune: one Gram pass for every AWD candidate ({former.gram_seconds:.1f} s)")
     return Inputs(tasks, test_tasks, "external" if req.eval_cmd else metric, scorer, model,
-                  former, device, remote, decide_tasks)
+                  former, device, remote, decide_tasks, keep)
 
 
 def set_aside(tasks, fraction: float, seed: int):
@@ -254,22 +276,29 @@ def _check_learn_memory(config, model, former, limit: int) -> None:
 # -- scoring one candidate -----------------------------------------------------------
 
 
-def run_candidate(req: Request, ins: Inputs, candidate, on_tasks):
-    """Form and score one candidate: (scores, means, form seconds, score seconds)."""
+def run_candidate(req: Request, ins: Inputs, candidate, on_tasks,
+                  keep: bool = False) -> Scored:
+    """Form and score one candidate on ``on_tasks`` (and its keep loss: ``keep``)."""
     former, scorer = ins.former, ins.scorer
     start = time.perf_counter()
     if req.eval_cmd:
         return _external(req.eval_cmd, former, candidate, start)
+    kept = None
     if former.in_memory and candidate.method not in tune.RANDOMIZED:
         tune.swap_in(ins.model, former.form(candidate))
         formed = time.perf_counter()
         scores = scorer.scores(ins.model, on_tasks)
+        if keep and ins.keep is not None:
+            kept = ins.keep.scores(ins.model)
     else:
         with former.on_disk(candidate) as folder:  # mergekit's run_merge, seeded
             formed = time.perf_counter()
-            scores = scorer.scores(tune.load_model(folder, ins.device, None, ins.remote),
-                                   on_tasks)
-    return scores, scorer.means(scores), formed - start, time.perf_counter() - formed
+            model = tune.load_model(folder, ins.device, None, ins.remote)
+            scores = scorer.scores(model, on_tasks)
+            if keep and ins.keep is not None:
+                kept = ins.keep.scores(model)
+    return Scored(scores, scorer.means(scores), formed - start,
+                  time.perf_counter() - formed, kept)
 
 
 def _external(eval_cmd: str, former, candidate, start: float):
@@ -286,7 +315,7 @@ def _external(eval_cmd: str, former, candidate, start: float):
     except (IndexError, ValueError):
         raise RuntimeError(f"--eval-cmd printed no number on its last line: "
                            f"{(lines or [''])[-1][:200]!r}")
-    return {}, {"external": value}, formed - start, time.perf_counter() - formed
+    return Scored({}, {"external": value}, formed - start, time.perf_counter() - formed)
 
 
 def one_line(error: BaseException) -> str:
@@ -351,13 +380,17 @@ def _score(req, ins, candidate, found: Search, record: Record, say) -> Optional[
         found.rows.append(kept)
         found.reused += 1
         say(f"[{i}] {candidate.label}: reused from the record")
+        if ins.keep is not None and "error" not in kept and not ins.keep.fresh(kept):
+            kept["keep"] = run_candidate(req, ins, candidate, [], keep=True).keep
+            record.add(kept)  # its keep loss under this --keep, for the next run
+            say(f"[{i}] {candidate.label}: keep loss {kept['keep']['loss']:.4g}")
         return kept
     row = {"candidate": candidate.label, "method": candidate.method,
            "settings": candidate.overrides()}
     if candidate.as_written:
         row["as_written"] = True
     try:
-        scores, means, form_s, score_s = run_candidate(req, ins, candidate, ins.tasks)
+        scored = run_candidate(req, ins, candidate, ins.tasks, keep=True)
     except Exception as error:  # one candidate's failure: a row, and go on
         row.update(scores={}, mean={}, error=one_line(error))
         found.rows.append(row)
@@ -366,11 +399,16 @@ def _score(req, ins, candidate, found: Search, record: Record, say) -> Optional[
             raise TuneError(f"tune: the first {len(found.rows)} candidates all failed the "
                             f"same way, so the rest would too: {row['error']}")
         return None
-    row.update(scores=scores, mean=means, form_seconds=form_s, score_seconds=score_s)
+    row.update(scores=scored.scores, mean=scored.means, form_seconds=scored.form_seconds,
+               score_seconds=scored.score_seconds)
+    if scored.keep is not None:
+        row["keep"] = scored.keep
     found.rows.append(row)
     record.add(row)
-    say(f"[{i}] {candidate.label}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-        + f"  (formed {form_s:.2f} s, scored {score_s:.2f} s)")
+    say(f"[{i}] {candidate.label}: "
+        + " ".join(f"{k} {v:.4g}" for k, v in scored.means.items())
+        + (f", keep loss {scored.keep['loss']:.4g}" if scored.keep else "")
+        + f"  (formed {scored.form_seconds:.2f} s, scored {scored.score_seconds:.2f} s)")
     return row
 
 
@@ -420,20 +458,26 @@ def learn(req: Request, ins: Inputs, found: Search, result: Result, say) -> bool
     say(f"tune --learn {learning.kind}: fit on {sum(len(t.examples) for t in fit_tasks)} "
         f"examples, choose the step on {sum(len(t.examples) for t in held_tasks)} "
         f"(--holdout {learning.holdout:g}), decide on "
-        f"{sum(len(t.examples) for t in ins.decide_tasks)}; objective {learning.objective}")
+        f"{sum(len(t.examples) for t in ins.decide_tasks)}; objective {learning.objective}"
+        + (f" + {ins.keep.weight:g} x keep loss on {len(ins.keep.fit.examples)} keep "
+           f"examples (reported on the other {len(ins.keep.report.examples)})"
+           if ins.keep is not None else ""))
     result.data["learned"], interrupted = [], False
     for method, static in learn_mod.starts(rows, candidates, ins.scorer):
         try:
             entry = learn_mod.learn(ins.former, ins.model, static, learning, fit_tasks,
-                                    held_tasks, ins.scorer, req.options,
+                                    held_tasks, ins.scorer, req.options, keep=ins.keep,
                                     say=lambda text, m=method: say(f"learn {m}: {text}"))
         except Exception as error:  # one method's failure: a row, and go on
             result.data["learned"].append({"method": method, "error": one_line(error)})
             say(f"learn {method}: failed: {one_line(error)}; the static results stand")
             write(req, ins, found, result)
             continue
+        static_row = rows[candidates.index(static)]
         entry.summary["static_held_out"] = evaluate.part_means(
-            rows[candidates.index(static)]["scores"], held_index, ins.scorer.names)
+            static_row["scores"], held_index, ins.scorer.names)
+        if "keep" in static_row:
+            entry.summary["static_keep_loss"] = static_row["keep"]["loss"]
         result.learned.append(entry)
         result.data["learned"].append(entry.summary)
         write(req, ins, found, result)  # best.yml stays the static one until all are in
@@ -461,20 +505,23 @@ def decide(req: Request, ins: Inputs, found: Search, result: Result, say) -> Non
                 "best.yml stays the static one")
         return
     entry = result.learned[i]
-    static_scores = run_candidate(req, ins, static, ins.decide_tasks)[0]
+    static_scored = run_candidate(req, ins, static, ins.decide_tasks, keep=True)
     tune.swap_in(ins.model, entry.tensors)
     learned_scores = ins.scorer.scores(ins.model, ins.decide_tasks)
-    verdict = learn_mod.verdict(learned_scores, static_scores, ins.metric)
+    keeps = None if ins.keep is None else (entry.summary["keep"], static_scored.keep)
+    verdict = learn_mod.verdict(learned_scores, static_scored.scores, ins.metric, keeps)
     result.data["decision"] = {
         "learned": entry.label, "static": static.label,
         "examples": {t.name: len(t.examples) for t in ins.decide_tasks},
         "learned_mean": ins.scorer.means(learned_scores),
-        "static_mean": ins.scorer.means(static_scores), **verdict}
+        "static_mean": static_scored.means, **verdict}
     say("tune --learn: decided on examples nothing before saw: "
-        + tune.comparison_line(entry.label, static.label, verdict) + "; "
+        + tune.comparison_line(entry.label, static.label, verdict)
+        + ("; keep: " + tune.comparison_line(entry.label, static.label, verdict["keep"])
+           if "keep" in verdict else "") + "; "
         + ("the learned merge is best.yml" if verdict["adopted"] else
-           "not separated in its favour, so best.yml stays the static one (the learned "
-           "recipe is learned.yml)"))
+           "not adopted (" + verdict["why_not"] + "), so best.yml stays the static one "
+           "(the learned recipe is learned.yml)"))
     if verdict["adopted"]:
         result.data["best_learned"] = i
         result.chosen_label, result.chosen_tensors, result.best_cfg = (
@@ -497,8 +544,8 @@ def test(req: Request, ins: Inputs, found: Search, result: Result) -> None:
     data["test"], scored = {}, {}
     for k, (label, tensors) in enumerate(tested):
         if tensors is None:
-            scores, means, _, _ = run_candidate(req, ins, candidates[result.best],
-                                                ins.test_tasks)
+            static_scored = run_candidate(req, ins, candidates[result.best], ins.test_tasks)
+            scores, means = static_scored.scores, static_scored.means
         else:
             tune.swap_in(ins.model, tensors)
             scores = ins.scorer.scores(ins.model, ins.test_tasks)
@@ -515,9 +562,9 @@ def test(req: Request, ins: Inputs, found: Search, result: Result) -> None:
         data["decision"]["test"] = tune.compare(scored[data["decision"]["learned"]],
                                                 scored[static_label], ins.metric)
     for comparison, j in zip(data["comparisons"], result.rivals):
-        scores, means, _, _ = run_candidate(req, ins, candidates[j], ins.test_tasks)
-        comparison["test"] = tune.compare(data["test"]["scores"], scores, ins.metric)
-        comparison["test_scores"], comparison["test_mean"] = scores, means
+        scored = run_candidate(req, ins, candidates[j], ins.test_tasks)
+        comparison["test"] = tune.compare(data["test"]["scores"], scored.scores, ins.metric)
+        comparison["test_scores"], comparison["test_mean"] = scored.scores, scored.means
 
 
 # -- write ---------------------------------------------------------------------------

@@ -24,7 +24,12 @@ def lines(req, ins, found, result) -> List[str]:
         out.append(f"decision (examples nothing before saw, {sum(decision['examples'].values())}"
                    f"): " + tune.comparison_line(decision["learned"], decision["static"],
                                                   decision)
-                   + ("; adopted" if decision["adopted"] else "; not adopted"))
+                   + ("; adopted" if decision["adopted"] else
+                      f"; not adopted: {decision['why_not']}"))
+        if "keep" in decision:
+            out.append("decision, keep loss (keep examples the fit did not see): "
+                       + tune.comparison_line(decision["learned"], decision["static"],
+                                              decision["keep"]))
     names = ins.scorer.names
     tested = [data["test"]] if "test" in data else []
     tested += data.get("test_learned", []) + ([data["test_static"]] if "test_static" in data
@@ -60,6 +65,8 @@ def table(rows, best: int, metric: str, comparisons=()) -> str:
     width = max(len(r["candidate"]) for r in rows) + 2
     head = f"  {'candidate':{width}s}" + "".join(f"{t[:10]:>11s}" for t in tasks)
     head += "".join(f"{m:>11s}" for m in scored["mean"])
+    keep = any("keep" in r for r in rows)
+    head += f"{'keep loss':>11s}" if keep else ""
     head += "  chosen - this (95% CI)" if comparisons else ""
     lines = [head]
     against = {c["other"]: c["validation"] for c in comparisons}
@@ -70,6 +77,8 @@ def table(rows, best: int, metric: str, comparisons=()) -> str:
             continue
         cells = "".join(f"{r['scores'][t][metric]:11.4f}" for t in tasks)  # none: external
         cells += "".join(f"{v:11.4f}" for v in r["mean"].values())
+        if keep:
+            cells += f"{r['keep']['loss']:11.4f}" if "keep" in r else f"{'-':>11s}"
         c = against.get(r["candidate"])
         if c is not None:
             cells += (f"  {c['difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
@@ -79,8 +88,10 @@ def table(rows, best: int, metric: str, comparisons=()) -> str:
             "external": "--eval-cmd"}[metric]
     lines.append((f"(per-task columns: {what}; * = chosen on {what}" if tasks
                   else f"(* = chosen on {what}")
-                 + ("; ? = the data cannot separate it from the chosen one)" if comparisons
-                    else ")"))
+                 + ("; ? = the data cannot separate it from the chosen one" if comparisons
+                    else "")
+                 + ("; keep loss: the loss on the --keep reference answers, lower keeps "
+                    "more, not used to choose)" if keep else ")"))
     return "\n".join(lines)
 
 

@@ -149,6 +149,23 @@ def test_on_disk_forms_the_same_scores(example, tmp_path):
         assert a["mean"]["loss"] == pytest.approx(b["mean"]["loss"], rel=1e-5)
 
 
+def test_recipe_as_written_is_scored_when_its_method_is_not_compared(example, tmp_path):
+    """An awd recipe tuned over task_arithmetic alone: the recipe as written still gets
+    its row (its Gram pass is made too), the same scores as mergekit's own merge."""
+    root, paths, data, recipe = example
+    rows = []
+    for mode, extra in (("mem", []), ("disk", ["--max-memory", "0.000001"])):
+        out = tmp_path / mode
+        result = _tune([_write(tmp_path / "r.yml", recipe), *_data_args(data), "--out", out,
+                        "--methods", "task_arithmetic", "--lambda", "0.4", *extra])
+        assert result.exit_code == 0, result.output
+        (row,) = [r for r in json.loads((out / "tune.json").read_text())["candidates"]
+                  if r.get("as_written")]
+        assert "error" not in row, row["error"]
+        rows.append(row)
+    assert rows[0]["mean"]["loss"] == pytest.approx(rows[1]["mean"]["loss"], rel=1e-5)
+
+
 def test_merge_to_reuses_the_gram_pass(example, tmp_path, monkeypatch):
     from mergekit_awd import scope
 

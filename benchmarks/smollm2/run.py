@@ -84,7 +84,7 @@ def recipe(base: str, models, path: str) -> str:
     return path
 
 
-def tune(recipe_path: str, data: str, out: str, args) -> dict:
+def tune(recipe_path: str, data: str, out: str, args, general: str = "general.jsonl") -> dict:
     """One `mergekit-awd tune` run (its progress in OUT/tune.log): choose on
     validation, score the choice and what it is compared with once on test. A run
     that stopped is continued by tune itself (OUT/record.jsonl); a finished one is
@@ -100,7 +100,7 @@ def tune(recipe_path: str, data: str, out: str, args) -> dict:
     for task in make.TASKS:
         command += ["--data", f"{task}={data}/{task}.val.jsonl",
                     "--test", f"{task}={data}/{task}.test.jsonl"]
-    command += ["--test", f"general={data}/general.jsonl"]
+    command += ["--test", f"general={data}/{general}"]
     os.makedirs(out, exist_ok=True)
     began = time.time()
     with open(os.path.join(out, "tune.log"), "a") as log:
