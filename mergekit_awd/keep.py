@@ -34,7 +34,10 @@ from typing import Dict, List, Optional, Sequence
 from mergekit_awd import evaluate
 
 NAME = "keep"  # the task name of the keep set in tune.json
-DEFAULT_WEIGHT = 1.0
+# chosen on validation alone (SmolLM2, regime a, seed 1: of 1, 0.3 and 0.1, the best
+# held-out task score among the weights whose keep loss on tune's own keep report
+# part was no higher than the static choice's; confirmed on seed 0: docs/benchmarks.md)
+DEFAULT_WEIGHT = 0.1
 
 
 @dataclass

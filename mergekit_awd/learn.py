@@ -321,6 +321,26 @@ class _Batches:
             out.append(self.tasks[i][self.queues[i].pop()])
         return out
 
+    def take_tokens(self, budget: int) -> list:
+        """Examples in the same order while their tokens stay within ``budget``
+        (at least one)."""
+        out: list = []
+        while True:
+            i = self.turn % len(self.tasks)
+            if not self.queues[i]:
+                self.queues[i] = list(self.rng.permutation(len(self.tasks[i])))
+            nxt = self.tasks[i][self.queues[i][-1]]  # left for the next step if over
+            if out and sum(map(_tokens, out)) + _tokens(nxt) > budget:
+                return out
+            self.queues[i].pop()
+            self.turn += 1
+            out.append(nxt)
+
+
+def _tokens(example, answer_guess: int = 0) -> int:
+    prompt, answer = example
+    return len(prompt) + (len(answer) if answer is not None else answer_guess)
+
 
 def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held_tasks,
         measure: Callable, rank: Callable, *, objective: str = "loss", steps: int = 60,
@@ -331,10 +351,10 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
     the held-out tasks (means), ``rank(means)`` orders scores (lower is better):
     evaluated at step 0 (the static start), every ``eval_every`` steps and at the
     end; the best evaluation's gamma is kept (ties keep the earlier). Ctrl-C stops
-    and keeps the best so far. ``keep`` (keep.Keep): each step also takes
-    ``keep_batch(batch)`` keep examples and adds ``keep.weight`` x their loss to the
-    objective; each evaluation records the keep loss on the report part (not used to
-    choose the step)."""
+    and keeps the best so far. ``keep`` (keep.Keep): each step also takes keep
+    examples of up to ``KEEP_SHARE`` of the step's task tokens (at least one) and
+    adds ``keep.weight`` x their loss to the objective; each evaluation records the
+    keep loss on the report part (not used to choose the step)."""
     from mergekit_awd.tune import swap_in
 
     started = time.perf_counter()
@@ -367,7 +387,10 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
         for step in range(1, steps + 1):
             tick = time.perf_counter()
             examples = batches.take(batch)
-            kept = (keeps.take(keep_batch(batch)), keep.weight) if keeps else None
+            kept = None
+            if keeps:
+                budget = KEEP_SHARE * sum(_tokens(e, max_new_tokens) for e in examples)
+                kept = (keeps.take_tokens(int(budget)), keep.weight)
             value = _step(model, basis, groups, gamma, optimizer, examples, objective,
                           end_ids, max_new_tokens, kept)
             line = f"step {step}/{steps}: fit {objective}" + (
@@ -385,11 +408,11 @@ def fit(model, basis: Basis, groups: Groups, gamma0: np.ndarray, fit_tasks, held
     return Fit(kept.cpu(), step, history, interrupted, time.perf_counter() - started)
 
 
-def keep_batch(batch: int) -> int:
-    """Keep examples per step beside ``batch`` task examples: half as many (the
-    fit's cost with --keep stays under 1.5x of its cost without, measured in
-    docs/design.md)."""
-    return max(1, batch // 2)
+# keep tokens per step, as a share of the step's task tokens: a step's cost grows
+# with its tokens, and half as many keep rows as task rows (general answers are
+# longer than task answers) made the fit 1.8x slower a step on SmolLM2
+# (docs/design.md, 4d)
+KEEP_SHARE = 0.4
 
 
 def _kept(history: List[dict]) -> str:

@@ -107,7 +107,7 @@ def test_keep_loss_is_the_loss_on_the_reference_models_own_answers(example, tmp_
 
 
 def _learn(example, tmp_path, name, weight, monkeypatch=None, seen=None):
-    from mergekit_awd import learn
+    from mergekit_awd import learn, stages
 
     _, paths, data, recipe = example
     keep, lines = _keep_file(tmp_path, data, n=8, given=0)
@@ -115,10 +115,17 @@ def _learn(example, tmp_path, name, weight, monkeypatch=None, seen=None):
         real = learn._step
 
         def step(*a, **k):
-            seen.append(a[9])
+            seen.append((a[5], a[9]))
             return real(*a, **k)
 
+        real_decide = stages.decide
+
+        def decide(req, ins, *a):
+            seen.append(ins.keep)
+            return real_decide(req, ins, *a)
+
         monkeypatch.setattr(learn, "_step", step)
+        monkeypatch.setattr(stages, "decide", decide)
     out = tmp_path / name
     result = _tune([_write(tmp_path / "r.yml", recipe), *_data_args(data), "--out", out,
                     "--methods", "task_arithmetic", "--lambda", "0.8", "--keep", keep,
@@ -133,11 +140,16 @@ def test_learn_fits_the_keep_part_and_reports_on_the_other(example, tmp_path, mo
     seen = []
     table, lines, output = _learn(example, tmp_path, "t", 1, monkeypatch, seen)
     summary = table["learned"][0]
-    fitted = {str(p) for kept, weight in seen for p, _ in kept}
-    assert all(weight == 1 for _, weight in seen) and all(len(k) == 4 for k, _ in seen)
+    *steps, keep = seen
+    assert len(steps) == 8 and all(weight == 1 for _, (_, weight) in steps)
+    tokens = lambda rows: sum(len(p) + len(a) for p, a in rows)  # noqa: E731
+    for examples, (kept, _) in steps:  # within 40% of the step's task tokens, or one
+        assert len(kept) == 1 or tokens(kept) <= 0.4 * tokens(examples)
+    fitted = {str(p) for _, (kept, _) in steps for p, _ in kept}
+    fit, report = ({str(p) for p, _ in part.examples} for part in (keep.fit, keep.report))
+    assert fitted and fitted <= fit and not fit & report
     reported = summary["keep"]["examples"]
-    assert reported == round(0.25 * len(lines))  # --holdout's share of the keep set
-    assert len(fitted) == len(lines) - reported  # 8 steps x 4 draw every fit prompt
+    assert reported == len(report) == round(0.25 * len(lines))  # --holdout's share
     assert [h["step"] for h in summary["history"]] == [0, 4, 8]
     assert all("keep_loss" in h for h in summary["history"])
     assert summary["history"][0]["keep_loss"] == pytest.approx(summary["static_keep_loss"],

@@ -148,7 +148,9 @@ def tested(t: dict) -> dict:
             "seconds": t["process_seconds"]}
 
 
-def one_seed(work: str, seed: int, weights, results: dict, save) -> None:
+def one_seed(work: str, seed: int, weights, results: dict, save, variant: str = "") -> None:
+    """The tunes of one seed; ``variant`` names runs of another version of the keep
+    term (their names and folders get it; the static search's record is reused)."""
     base, data = os.path.join(work, "base"), os.path.join(work, "data")
     make.make_base(base)
     held = make.write_data(data, 200)
@@ -167,11 +169,13 @@ def one_seed(work: str, seed: int, weights, results: dict, save) -> None:
     os.makedirs(folder, exist_ok=True)
     recipe = run.recipe(base, models, os.path.join(folder, "recipe.yml"))
     common = ["--methods", "task_arithmetic", "--learn", "layer"]
-    first = os.path.join(folder, f"keep-w{weights[0]:g}")
+    first = os.path.join(folder, f"keep-w{weights[0]:g}{variant}")
+    if variant:
+        first = os.path.join(folder, "no-keep")  # the record to reuse
     for weight in [*weights[:1], None, *weights[1:]]:
-        name = "no keep" if weight is None else f"keep w={weight:g}"
-        out = first if weight == weights[0] else os.path.join(
-            folder, "no-keep" if weight is None else f"keep-w{weight:g}")
+        name = "no keep" if weight is None else f"keep w={weight:g}{variant}"
+        out = os.path.join(folder, "no-keep" if weight is None
+                           else f"keep-w{weight:g}{variant}")
         if out != first and not os.path.exists(os.path.join(out, "record.jsonl")):
             os.makedirs(out, exist_ok=True)  # the same static search, reused
             shutil.copy(os.path.join(first, "record.jsonl"), out)
@@ -222,15 +226,20 @@ def tables(results: dict, weights) -> None:
             ("learned per layer, no --keep", lambda e: e["no keep"]["learned"], "no keep")]
     rows += [(f"learned per layer, --keep-weight {w:g}",
               lambda e, k=k: e[k]["learned"], k) for w, k in zip(weights, keeps)]
+    others = sorted({k for s in seeds for k in results[s] if k.startswith("keep w=")
+                     and k not in keeps})  # --variant runs
+    rows += [(f"learned per layer, {k}", lambda e, k=k: e[k]["learned"], k) for k in others]
     print(f"test exact match (%), {len(seeds)} seed(s): {', '.join(seeds)}; general = loss on "
           f"the instruct model's answers to {len(first['static']['general']['loss_each'])} general "
           f"prompts that no fit saw (lower keeps more of the instruct model)\n")
     print("| merge | seed | " + " | ".join(make.TASKS) + " | mean | % of fine-tunes | "
           "general loss | fit s | adopted by tune |")
-    print("|---|---|" + "---:|" * (len(make.TASKS) + 6))
+    print("|---|---|" + "---:|" * (len(make.TASKS) + 5))
     for label, get, key in rows:
         for s in seeds:
             e, own = results[s], _mean(results[s]["own"])
+            if key is not None and key not in e:
+                continue
             sc = get(e)
             general = f"{sc['general']['loss']:.3f}" if "general" in sc else "-"
             fit_s = f"{e[key]['fit_seconds']:.0f}" if key else "-"
@@ -239,8 +248,15 @@ def tables(results: dict, weights) -> None:
                                                       for t in make.TASKS)
                   + f" | {100 * _mean(sc):.1f} | {100 * _mean(sc) / own:.0f}% | {general} | "
                   f"{fit_s} | {adopted} |")
-    print("\nthe weight validation picks (tune's step part and keep report part only): "
-          + ", ".join(f"{s} {chosen_weight(results[s], weights):g}" for s in seeds))
+    for label, get, key in rows[1:]:
+        have = [s for s in seeds if key is None or key in results[s]]
+        got = sum(_mean(get(results[s])) for s in have) / len(have)
+        own = sum(_mean(results[s]["own"]) for s in have) / len(have)
+        print(f"pooled over {', '.join(have)}: {label}: {100 * got:.1f} = "
+              f"{100 * got / own:.1f}% of the fine-tunes ({100 * own:.1f})")
+    if len(weights) > 1:
+        print("\nthe weight validation picks (tune's step part and keep report part only): "
+              + ", ".join(f"{s} {chosen_weight(results[s], weights):g}" for s in seeds))
     print("validation per weight (held-out exact at the kept step; keep loss on tune's keep "
           "report part, static's in brackets):")
     for s in seeds:
@@ -260,23 +276,32 @@ def tables(results: dict, weights) -> None:
     pairs += [(f"--keep-weight {w:g} - no keep", k, "learned", "no keep", "learned")
               for w, k in zip(weights, keeps)]
     pairs += [("no keep - static", "no keep", "learned", keeps[0], "static")]
+    pairs += [(f"{k} - static", k, "learned", keeps[0], "static") for k in others]
+    pairs += [(f"{k} - no keep", k, "learned", "no keep", "learned") for k in others]
     for label, ka, pa, kb, pb in pairs:
-        cells = []
-        for metric, tasks, scale in (("exact", make.TASKS, 100), ("loss", ("general",), 1)):
-            a = {f"{s}/{t}": results[s][ka][pa][t][f"{metric}_each"] for s in seeds for t in tasks}
-            b = {f"{s}/{t}": results[s][kb][pb][t][f"{metric}_each"] for s in seeds for t in tasks}
-            d, lo, hi = evaluate.paired_interval(a, b)
-            cells.append(f"{scale * d:+.3f} | [{scale * lo:+.3f}, {scale * hi:+.3f}]")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        have = [s for s in seeds if ka in results[s]]
+        for part in ([have] + ([[s] for s in have] if len(have) > 1 else [])):
+            cells = []
+            for metric, tasks, scale in (("exact", make.TASKS, 100), ("loss", ("general",), 1)):
+                a = {f"{s}/{t}": results[s][ka][pa][t][f"{metric}_each"] for s in part
+                     for t in tasks}
+                b = {f"{s}/{t}": results[s][kb][pb][t][f"{metric}_each"] for s in part
+                     for t in tasks}
+                d, lo, hi = evaluate.paired_interval(a, b)
+                cells.append(f"{scale * d:+.3f} | [{scale * lo:+.3f}, {scale * hi:+.3f}]")
+            print(f"| {label} ({', '.join(part)}) | " + " | ".join(cells) + " |")
     print("\nfit seconds (60 steps, the same 7 evaluations; a run with other work beside it "
           "is slower):")
     for s in seeds:
         base = results[s]["no keep"]["fit_seconds"]
         print(f"  {s}: no keep {base:.0f} s; " + ", ".join(
-            f"w={w:g} {results[s][k]['fit_seconds']:.0f} s "
-            f"({results[s][k]['fit_seconds'] / base:.2f}x)" for w, k in zip(weights, keeps)))
+            f"{k} {results[s][k]['fit_seconds']:.0f} s "
+            f"({results[s][k]['fit_seconds'] / base:.2f}x)"
+            for k in (*keeps, *others) if k in results[s]))
     for s in seeds:
-        for key in (*keeps, "no keep"):
+        for key in (*keeps, *others, "no keep"):
+            if key not in results[s]:
+                continue
             d = results[s][key]["decision"]
             print(f"{s} {key}: tune's decision learned - static {d['difference']:+.4f} "
                   f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], adopted {d['adopted']}"
@@ -291,6 +316,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,0")
     parser.add_argument("--weights", default="1,0.3,0.1",
                         help="--keep-weight values, the first one's record shared")
+    parser.add_argument("--variant", default="",
+                        help="a suffix for the keep runs of another version of the keep term")
     parser.add_argument("--tables", action="store_true")
     args = parser.parse_args()
     path = os.path.join(args.work, "keep_results.json")
@@ -307,7 +334,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         began = time.time()
         for seed in (int(s) for s in args.seeds.split(",")):
-            one_seed(args.work, seed, weights, results, save)
+            one_seed(args.work, seed, weights, results, save, args.variant)
         print(f"done in {time.time() - began:.0f} s")
     tables(results, weights)
 
