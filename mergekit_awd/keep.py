@@ -47,8 +47,7 @@ class Keep:
     report: evaluate.Task  # every candidate's keep loss is measured here
     fit: Optional[evaluate.Task]  # --learn: the part the fit's objective sees
     weight: float
-    digest: str  # the files, the reference and the split: a recorded loss is reusable
-    reference: str  # whose answers: "given", the base model's or --keep-model's
+    digest: str  # the examples, their answers and the split: a recorded loss is reusable
     batch_tokens: int = 4096  # tokens per scoring batch (--batch-tokens)
 
     def scores(self, model) -> Dict:
@@ -106,10 +105,8 @@ def load(specs: Sequence[str], keep_model: Optional[str], weight: Optional[float
         parts.append(task)
     examples = [e for t in parts for e in t.examples]
     missing = [i for i, (_, a) in enumerate(examples) if a is None]
-    reference = "given"
     if missing:
-        reference = keep_model or "the base model"
-        say(f"tune --keep: {reference}'s greedy answers to {len(missing)} prompt(s) "
+        say(f"tune --keep: {keep_model or 'the base model'}'s greedy answers to {len(missing)} prompt(s) "
             f"are the reference answers")
         answers = _answers(keep_model, tokenizer, model, [examples[i][0] for i in missing],
                            end_ids, max_new_tokens, remote)
@@ -129,7 +126,7 @@ def load(specs: Sequence[str], keep_model: Optional[str], weight: Optional[float
     digest = hashlib.sha256(json.dumps(
         [whole.examples, fit.examples if fit else None]).encode()).hexdigest()[:16]
     return Keep(whole, fit, DEFAULT_WEIGHT if weight is None else weight, digest,
-                reference, batch_tokens)
+                batch_tokens)
 
 
 def _context(model) -> Optional[int]:

@@ -311,30 +311,30 @@ class _Batches:
         self.queues: List[list] = [[] for _ in tasks]
         self.turn = 0
 
+    def _queue(self) -> list:
+        """The shuffled order of the task whose turn it is (a new one when spent)."""
+        i = self.turn % len(self.tasks)
+        if not self.queues[i]:
+            self.queues[i] = list(self.rng.permutation(len(self.tasks[i])))
+        return self.queues[i]
+
+    def _pop(self):
+        example = self.tasks[self.turn % len(self.tasks)][self._queue().pop()]
+        self.turn += 1
+        return example
+
     def take(self, n: int) -> list:
-        out = []
-        for _ in range(n):
-            i = self.turn % len(self.tasks)
-            self.turn += 1
-            if not self.queues[i]:
-                self.queues[i] = list(self.rng.permutation(len(self.tasks[i])))
-            out.append(self.tasks[i][self.queues[i].pop()])
-        return out
+        return [self._pop() for _ in range(n)]
 
     def take_tokens(self, budget: int) -> list:
         """Examples in the same order while their tokens stay within ``budget``
         (at least one)."""
         out: list = []
         while True:
-            i = self.turn % len(self.tasks)
-            if not self.queues[i]:
-                self.queues[i] = list(self.rng.permutation(len(self.tasks[i])))
-            nxt = self.tasks[i][self.queues[i][-1]]  # left for the next step if over
+            nxt = self.tasks[self.turn % len(self.tasks)][self._queue()[-1]]  # a peek
             if out and sum(map(_tokens, out)) + _tokens(nxt) > budget:
-                return out
-            self.queues[i].pop()
-            self.turn += 1
-            out.append(nxt)
+                return out  # nxt is left for the next step
+            out.append(self._pop())
 
 
 def _tokens(example, answer_guess: int = 0) -> int:

@@ -505,10 +505,12 @@ def decide(req: Request, ins: Inputs, found: Search, result: Result, say) -> Non
                 "best.yml stays the static one")
         return
     entry = result.learned[i]
-    static_scored = run_candidate(req, ins, static, ins.decide_tasks, keep=True)
+    static_scored = run_candidate(req, ins, static, ins.decide_tasks)
     tune.swap_in(ins.model, entry.tensors)
     learned_scores = ins.scorer.scores(ins.model, ins.decide_tasks)
-    keeps = None if ins.keep is None else (entry.summary["keep"], static_scored.keep)
+    # the static choice's keep loss is its row's (the same report part, scored once)
+    keeps = None if ins.keep is None else (entry.summary["keep"],
+                                           found.rows[result.best]["keep"])
     verdict = learn_mod.verdict(learned_scores, static_scored.scores, ins.metric, keeps)
     result.data["decision"] = {
         "learned": entry.label, "static": static.label,
