@@ -371,6 +371,12 @@ class LineEnd:
     out_dtype: Optional[str]
 
 
+def line_bytes(line: "Line") -> int:
+    """The memory a line holds: its two ends' tensors."""
+    ends = [line.first.deltas if line.first is not None else {}, line.zero or {}]
+    return sum(t.numel() * t.element_size() for end in ends for t in end.values())
+
+
 @dataclass
 class Line:
     """One setting of a method linear in lambda (``Former.form``): f'(lambda) =
@@ -381,11 +387,16 @@ class Line:
     zero: Optional[Dict[str, torch.Tensor]] = None  # f'(0), from the second lambda on
 
 
-def memory_refusal(config, model, max_memory: int) -> str:
-    """Why candidates cannot be formed in memory ("" where they can): the inputs read
-    once, the scoring model, one candidate's tensors and the two ends of a line."""
-    need = input_bytes(config) + 4 * sum(p.numel() * p.element_size()
+def memory_need(config, model) -> int:
+    """Bytes that forming in memory needs: the inputs read once, the scoring model, one
+    candidate's tensors and the two ends of a line."""
+    return input_bytes(config) + 4 * sum(p.numel() * p.element_size()
                                          for p in model.parameters())
+
+
+def memory_refusal(config, model, max_memory: int) -> str:
+    """Why candidates cannot be formed in memory ("" where they can)."""
+    need = memory_need(config, model)
     if need > max_memory:
         return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
                 f"--max-memory {max_memory / 2**30:.1f} GiB")
@@ -419,6 +430,9 @@ class Former:
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
         self.line: Optional[Line] = None  # the setting formed last (``form``)
+        # earlier settings' lines, least recently used first, within the memory left
+        self.shelf: Dict[tuple, Line] = {}
+        self.room = max_memory - memory_need(config, model) if in_memory else 0
         self.gram_seconds = 0.0
         self.reason = (memory_refusal(config, model, max_memory) if in_memory
                        else "--eval-cmd scores a model folder")
@@ -484,6 +498,8 @@ class Former:
             return cast(*self._formed(candidate, cfg))
         lam = candidate.overrides()["lambda"]
         key = line_key(candidate)
+        if key in self.shelf and (self.line is None or self.line.key != key):
+            self._new_line(self.shelf.pop(key))  # formed before: not again
         line = self.line
         if (line is not None and line.key != key and line.first is not None
                 and shifted_key(key) is not None and shifted_key(key) == shifted_key(line.key)):
@@ -491,7 +507,7 @@ class Former:
         if self.line is None or self.line.key != key:  # a new setting
             cfg = candidate_config(self.config, candidate)
             tasks = mergekit_run.plan_tensor_tasks(cfg, self.options)
-            self.line = Line(key)
+            self._new_line(Line(key))
             if lam == 0 or not full_precision(self.read_inputs(), tasks, cfg.out_dtype):
                 return cast(*self._formed(candidate))
             one = self._formed(candidate, deltas=True)[0]
@@ -529,9 +545,26 @@ class Former:
         one = first.deltas
         if not set(zero) == set(moved) == set(one):
             return
-        self.line = Line(line_key(candidate), LineEnd(
+        self._new_line(Line(line_key(candidate), LineEnd(
             first.lam, {n: one[n] + (moved[n] - zero[n]) for n in one}, tasks,
-            cfg.out_dtype), moved)
+            cfg.out_dtype), moved))
+
+    def _new_line(self, line: Line) -> None:
+        """``line`` becomes the current one; the one it replaces goes on the shelf,
+        where it is kept while the shelf fits in the memory forming left (``room``),
+        the least recently used dropped first. A later candidate of that setting, e.g.
+        a method's best scored again on --test, is then one add instead of a new
+        merge (for WUDI, minutes)."""
+        old, self.line = self.line, line
+        if old is None or old.first is None or old.key == line.key:
+            return
+        self.shelf[old.key] = old
+        while self.shelf and sum(map(line_bytes, self.shelf.values())) > self.room:
+            del self.shelf[next(iter(self.shelf))]
+
+    def clear_shelf(self) -> None:
+        """Give the shelf's memory back (the learned fit needs it)."""
+        self.shelf = {}
 
     def _formed(self, candidate: Candidate, cfg=None, deltas: bool = False):
         """(raw merged tensors, their tasks, the recipe's out_dtype): the candidate

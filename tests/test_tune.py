@@ -84,6 +84,48 @@ def test_candidate_in_memory_equals_mergekit_yaml(example, tmp_path, scope_, can
         assert err < 1e-5, (name, err)
 
 
+def _counting(former):
+    """Count the candidates ``former`` forms in full (mergekit's tasks run)."""
+    calls, real = [], former._formed
+    former._formed = lambda candidate, *a, **k: (calls.append(candidate), real(
+        candidate, *a, **k))[1]
+    return calls
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_setting_formed_before_is_taken_from_the_shelf(example, room):
+    """After other settings were formed, a third lambda of the first setting (a
+    method's best scored again on --test) forms nothing where the shelf has room and
+    is bit for bit what a former that never left the setting gives; with no room the
+    setting is formed again, with the same result."""
+    _, _, _, recipe = example
+    first = [_candidate("task_arithmetic", lam) for lam in (0.5, 1.0, 0.75)]
+    other = [_candidate("ties", lam, density=0.5) for lam in (0.5, 1.0)]
+    _, direct = _former(recipe)
+    direct.prepare(first + other)
+    for c in first[:2]:
+        direct.form(c)
+    expected = direct.form(first[2])
+
+    _, former = _former(recipe)
+    if not room:
+        former.room = 0
+    former.prepare(first + other)
+    calls = _counting(former)
+    for c in first[:2] + other:
+        former.form(c)
+    assert len(calls) == 4  # each setting: in full at its first lambda, f'(0) at its second
+    again = former.form(first[2])
+    assert len(calls) == (4 if room else 5)
+    assert bool(former.shelf) == room
+    assert set(again) == set(expected)
+    for name, tensor in expected.items():
+        if room:
+            assert torch.equal(again[name], tensor), name
+        else:
+            assert torch.allclose(again[name], tensor, rtol=0, atol=1e-6), name
+
+
 def test_tune_chooses_what_brute_force_chooses(example, tmp_path):
     """Every candidate merged by mergekit-yaml and scored by the same evaluator."""
     from transformers import AutoTokenizer
