@@ -35,8 +35,8 @@ def others(combine_with: str, declared, group, s: Settings) -> torch.Tensor:
     base, inputs = group.base.tensor, [e.tensor for e in group.non_base]
     if combine_with in data_free.RULES:
         dtype = solver.compute_dtype(base)
-        return base.to(dtype) + data_free.scaled_delta(
-            combine_with, solver.task_vectors(base, inputs, dtype), s, group.metadata)
+        taus = solver.task_vectors(base, inputs, dtype)
+        return base.to(dtype) + data_free.scaled_delta(combine_with, taus, s, group.metadata)
     return mergekit_combination(combine_with, declared, base, inputs, s)
 
 def disentangled(combine_with: str, declared, group, s: Settings, solve) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mergekit_awd import mergekit_run, scope
+from mergekit_awd import guards, mergekit_run, scope
 from mergekit_awd.merge_log import MergeLog
 from mergekit_awd.params import AWDInputError, Settings
 
@@ -243,6 +243,19 @@ _CURRENT: ContextVar[Optional[RunContext]] = ContextVar("awd_run", default=None)
 _EXPLICIT: Dict[int, RunContext] = {}
 _DISCOVERED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _RUNS_LOCK = threading.Lock()
+
+
+def solution(run: Optional[RunContext], group, name: str, model_ids: Tuple, s: Settings,
+             taus: Optional[torch.Tensor]):
+    """(w, delta) of one selected tensor's scope: its share of the global solve, or
+    its own solve (G from ``taus`` where the caller made them)."""
+    if run is None:
+        run = RunContext()  # nothing to read a global scope from: it says so
+    if s.scope == "global":
+        return run.global_solution(s, model_ids).delta_for(name)
+    G = guards.gram(name, group, taus)
+    solved = run.solve(model_ids, s, [name], G, group.base.tensor.numel(), [taus])
+    return solved.w, solved.delta[0] if solved.delta is not None else None
 
 
 def current() -> Optional[RunContext]:

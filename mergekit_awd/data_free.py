@@ -60,17 +60,13 @@ def excluded(exclude: str, name: Optional[str], vocabulary_axis: Optional[int]) 
     return name is not None and re.search(exclude, name) is not None
 
 
-def apply_rule(rule: str, taus: torch.Tensor, s: Settings) -> torch.Tensor:
-    """RULE of one matrix's stacked task vectors (T x m x n)."""
-    if rule == "tsv":
-        return spectral.tsv_m(taus)
-    if rule == "iso_c":
-        return spectral.iso_c(taus)
+def knobs(rule: str, s: Settings) -> dict:
+    """The rule's own knobs, as ``spectral.merged`` takes them."""
     if rule == "iso_cts":
-        return spectral.iso_cts(taus, s.common_space_fraction)
+        return {"fraction": s.common_space_fraction}
     if rule == "wudi":
-        return spectral.wudi(taus, s.wudi_steps, s.wudi_lr)
-    raise ValueError(f"unknown data-free rule {rule!r}")
+        return {"steps": s.wudi_steps, "lr": s.wudi_lr}
+    return {}
 
 
 def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str],
@@ -79,9 +75,7 @@ def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str]
     vectors ``taus`` (T x shape)."""
     if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
         return spectral.average(taus)
-    if taus.ndim == 3:
-        return apply_rule(rule, taus, s)
-    return torch.stack([apply_rule(rule, taus[:, e], s) for e in range(taus.shape[1])])
+    return spectral.merged(rule, taus, **knobs(rule, s))
 
 
 def weighted(taus: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -95,8 +89,8 @@ def weighted(taus: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
 def scaled_delta(rule: str, taus: torch.Tensor, s: Settings, metadata) -> torch.Tensor:
     """lambda * the merged task vector of one tensor's stacked task vectors ``taus``
     (weighted in place), ``metadata`` its mergekit TensorMetadata."""
-    return s.lam * merged_delta(rule, weighted(taus, s.weights), s, metadata.name,
-                                metadata.vocabulary_axis)
+    taus = weighted(taus, s.weights)
+    return s.lam * merged_delta(rule, taus, s, metadata.name, metadata.vocabulary_axis)
 
 
 class DataFreeMerge(GroupMergeMethod):

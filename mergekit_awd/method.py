@@ -70,14 +70,30 @@ class AWDMerge(GroupMergeMethod):
         return results
 
     def merge_group(self, group: TensorGroup, /, **p: Any) -> torch.Tensor:
-        """One group, as mergekit hands it over (already in its dtype)."""
+        """One group, as mergekit hands it over (already in its dtype): its settings,
+        then (in a Gram pass, or for --learn's affine maps) a record and no merge, or
+        the merge of the selected tensor (tau_k - delta) or of another."""
         run = context.current()
+        base = group.base.tensor
+        mergeable = bool(group.non_base) and base.is_floating_point()
+        settled = self.settings(group, p, run) if mergeable else None
         recorder = run.recorder() if run is not None else None
         if recorder is not None:  # a Gram pass, or --learn's affine maps: no merge
-            return recording.record(self, group, p, recorder, run)
-        result = self._merge(group, p, run)
+            return recording.record(self, group, settled, recorder, run)
+        result = base
+        if settled is not None:
+            name, model_ids, s, selected = settled
+            if run is not None:
+                warn(run, self.spec.name, self.combine_with, s)
+            if not selected:
+                result = combination.others(self.combine_with, self.declared, group, s)
+            else:
+                result = combination.disentangled(
+                    self.combine_with, self.declared, group, s,
+                    lambda taus: context.solution(run, group, name, model_ids, s, taus))
+            result = guards.settle_nonfinite(name, group, result).to(base.dtype)
         if run is not None:
-            run.tensor_merged()
+            run.tensor_merged()  # after the merge: the last one writes the report
         return result
 
     def settings(self, group: TensorGroup, p: dict, run):
@@ -91,31 +107,6 @@ class AWDMerge(GroupMergeMethod):
                                layer_weight_names(group.base.id, remote))
         return name, model_ids, s, selected
 
-    def _merge(self, group: TensorGroup, p: dict, run) -> torch.Tensor:
-        base = group.base.tensor
-        if not group.non_base or not base.is_floating_point():
-            return base
-        name, model_ids, s, selected = self.settings(group, p, run)
-        if run is not None:
-            warn(run, self.spec.name, self.combine_with, s)
-        if not selected:
-            result = combination.others(self.combine_with, self.declared, group, s)
-        else:
-            result = combination.disentangled(
-                self.combine_with, self.declared, group, s,
-                lambda taus: self.solution(group, name, model_ids, s, run, taus))
-        return guards.settle_nonfinite(name, group, result).to(base.dtype)
-
-    def solution(self, group, name, model_ids, s: Settings, run, taus):
-        """(w, delta) of this tensor's scope: the global solve, or its own."""
-        if s.scope == "global":
-            if run is None:
-                run = context.RunContext()  # nothing to read the scope from: it says so
-            return run.global_solution(s, model_ids).delta_for(name)
-        G = guards.gram(name, group, taus)
-        solution = (run or context.RunContext()).solve(
-            model_ids, s, [name], G, group.base.tensor.numel(), [taus])
-        return solution.w, solution.delta[0] if solution.delta is not None else None
 
 def warn(run, name: str, combine_with: str, s: Settings) -> None:
     """The recipe's warnings, once per run: one fine-tune; a lambda off its scale."""

@@ -16,14 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergekit_awd import data_free, guards, params, scope, solver
+from mergekit_awd import context, data_free, guards, params, scope, solver
 from mergekit_awd.params import Settings
 
 
-def record(kernel, group, p: dict, recorder, run) -> torch.Tensor:
+def record(kernel, group, settled, recorder, run) -> torch.Tensor:
+    """Record one group (``settled``: the kernel's (name, model ids, settings,
+    selected?), None for a group with nothing to merge)."""
     base = group.base.tensor
-    if group.non_base and base.is_floating_point():
-        name, model_ids, s, selected = kernel.settings(group, p, run)
+    if settled is not None:
+        name, model_ids, s, selected = settled
         if isinstance(recorder, scope.AffineMaps):
             recorder.maps[name] = affine_map(kernel, group, name, model_ids, s, selected,
                                              run)
@@ -52,7 +54,7 @@ def affine_map(kernel, group, name, model_ids, s: Settings, selected: bool, run)
         if combine_with == "task_arithmetic":
             return np.zeros(K), s.lam * np.eye(K)
     elif combine_with == "task_arithmetic" and s.optimizer == "sgd":
-        w, _ = kernel.solution(group, name, model_ids, s, run, None)
+        w, _ = context.solution(run, group, name, model_ids, s, None)
         return awd_affine(w, s)
     why = ("optimizer: adam's delta is not in their span"
            if combine_with == "task_arithmetic"

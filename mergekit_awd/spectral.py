@@ -163,6 +163,23 @@ def wudi(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     return merged.detach()
 
 
+def merged(rule: str, taus: torch.Tensor, **knobs) -> torch.Tensor:
+    """RULE ("tsv", "iso_c", "iso_cts" with ``fraction``, "wudi" with ``steps`` and
+    ``lr``) of one matrix's stacked task vectors (T x m x n), or of each matrix of a
+    stack of them (T x E x m x n, e.g. fused MoE experts) on its own."""
+    if taus.ndim == 4:
+        return torch.stack([merged(rule, taus[:, e], **knobs) for e in range(taus.shape[1])])
+    if rule == "tsv":
+        return tsv_m(taus)
+    if rule == "iso_c":
+        return iso_c(taus)
+    if rule == "iso_cts":
+        return iso_cts(taus, knobs["fraction"])
+    if rule == "wudi":
+        return wudi(taus, knobs["steps"], knobs["lr"])
+    raise ValueError(f"unknown data-free rule {rule!r}")
+
+
 def average(taus: torch.Tensor) -> torch.Tensor:
     """What every rule does to a tensor that is not a matrix (and to excluded ones):
     the mean of the task vectors, in the reference's running form."""

@@ -26,7 +26,7 @@ def _rule(method, taus, **knobs):
     s = mergekit_awd.params.Settings(**{
         "common_space_fraction": knobs.get("common_space_fraction", 0.8),
         "wudi_steps": knobs.get("wudi_steps", 300), "wudi_lr": knobs.get("wudi_lr", 1e-5)})
-    return data_free.apply_rule(method, torch.stack(taus), s)
+    return spectral.merged(method, torch.stack(taus), **data_free.knobs(method, s))
 
 
 def _close(got, want, rel=1e-9):

@@ -16,7 +16,7 @@ def planned(family, **parameters):
 
 
 def test_gram_pass_reads_in_the_reverse_of_the_merge_order(family, tmp_path, monkeypatch):
-    from mergekit_awd.method import AWDMerge
+    from mergekit_awd import combination
 
     config, options, tasks = planned(family, scope="global", select=".*")
     run = context.RunContext(config=config, options=options)
@@ -24,8 +24,8 @@ def test_gram_pass_reads_in_the_reverse_of_the_merge_order(family, tmp_path, mon
     names = [t.name for t in collected.tensors]
     assert len(names) == len(tasks) > 5
     # the order mergekit's executor hands the merge's tensors to the kernel
-    merged, merge = [], AWDMerge._merge
-    monkeypatch.setattr(AWDMerge, "_merge", lambda self, group, p, r: (
-        merged.append(group.metadata.name), merge(self, group, p, r))[1])
+    merged, merge = [], combination.disentangled  # every tensor is selected
+    monkeypatch.setattr(combination, "disentangled", lambda c, d, group, *a: (
+        merged.append(group.metadata.name), merge(c, d, group, *a))[1])
     context.run_merge(config, str(tmp_path / "out"), options)
     assert names == merged[::-1]
