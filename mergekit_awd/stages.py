@@ -463,7 +463,7 @@ def learn(req: Request, ins: Inputs, found: Search, result: Result, say) -> bool
            f"examples (reported on the other {len(ins.keep.report.examples)})"
            if ins.keep is not None else ""))
     result.data["learned"], interrupted = [], False
-    ins.former.clear_shelf()  # the fit needs that memory (_check_learn_memory)
+    ins.former.shelf.clear()  # the fit needs that memory (_check_learn_memory)
     for method, static in learn_mod.starts(rows, candidates, ins.scorer):
         try:
             entry = learn_mod.learn(ins.former, ins.model, static, learning, fit_tasks,

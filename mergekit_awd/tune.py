@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -371,16 +371,22 @@ class LineEnd:
     out_dtype: Optional[str]
 
 
-def line_bytes(line: "Line") -> int:
-    """The memory a line holds: its two ends' tensors."""
-    ends = [line.first.deltas if line.first is not None else {}, line.zero or {}]
-    return sum(t.numel() * t.element_size() for end in ends for t in end.values())
-
-
 @dataclass
 class Line:
     """One setting of a method linear in lambda (``Former.form``): f'(lambda) =
-    f'(0) + (lambda / lambda_1) (f'(lambda_1) - f'(0)), f' = the merge minus the base."""
+    f'(0) + (lambda / lambda_1) (f'(lambda_1) - f'(0)), f' = the merge minus the base.
+
+    A method linear in lambda (``LINEAR_IN_LAMBDA``) whose inputs and output are 32
+    bits or more is formed with the base at zero (``Inputs.execute``): f'(lambda_1)
+    in full at the first lambda_1 of each setting of its other knobs, and f'(0) by a
+    cheap method at the second (``zero_of``); every lambda is then base + f'(0) +
+    (lambda / lambda_1) (f'(lambda_1) - f'(0)), one scaled add. mergekit's ``base +
+    lambda * mixed_delta`` computes ``entry - base`` first, so at lambda_1 this is
+    its merge bit for bit; at other lambdas the difference is a rounding of the
+    (small) merged delta, not of the (large) weights. 16-bit inputs or outputs:
+    formed in full at every lambda (mergekit's 16-bit arithmetic is not a float32
+    scaled add).
+    """
 
     key: tuple  # ``line_key``: the setting apart from lambda
     first: Optional[LineEnd] = None  # None: formed in full at every lambda (16 bits)
@@ -419,6 +425,37 @@ def layout_refusal(model, cfg, tasks, options) -> str:
     return ""
 
 
+def line_bytes(line: Line) -> int:
+    """The memory a line holds: its two ends' tensors."""
+    ends = [line.first.deltas if line.first is not None else {}, line.zero or {}]
+    return sum(t.numel() * t.element_size() for end in ends for t in end.values())
+
+
+@dataclass
+class Shelf:
+    """Lines of settings formed before, kept while they fit in ``room`` bytes (the
+    memory forming in memory leaves), the least recently used dropped first. A later
+    candidate of such a setting, e.g. a method's best scored again on --test, is
+    then one add instead of a new merge (for WUDI, minutes)."""
+
+    room: int
+    lines: Dict[tuple, Line] = field(default_factory=dict)
+
+    def put(self, line: Line) -> None:
+        if line.first is None:  # formed in full at every lambda: nothing to keep
+            return
+        self.lines[line.key] = line
+        while self.lines and sum(map(line_bytes, self.lines.values())) > self.room:
+            del self.lines[next(iter(self.lines))]
+
+    def take(self, key: tuple) -> Line:
+        return self.lines.pop(key)
+
+    def clear(self) -> None:
+        """Give the memory back (the learned fit needs it)."""
+        self.lines = {}
+
+
 class Former:
     """Forms candidates of one recipe: in memory when possible, else on disk."""
 
@@ -430,9 +467,7 @@ class Former:
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
         self.line: Optional[Line] = None  # the setting formed last (``form``)
-        # earlier settings' lines, least recently used first, within the memory left
-        self.shelf: Dict[tuple, Line] = {}
-        self.room = max_memory - memory_need(config, model) if in_memory else 0
+        self.shelf = Shelf(max_memory - memory_need(config, model) if in_memory else 0)
         self.gram_seconds = 0.0
         self.reason = (memory_refusal(config, model, max_memory) if in_memory
                        else "--eval-cmd scores a model folder")
@@ -481,25 +516,14 @@ class Former:
 
     def form(self, candidate: Candidate, cfg=None) -> Dict[str, torch.Tensor]:
         """The candidate's merged tensors, formed from the inputs read once (``cfg``:
-        another recipe with the candidate's solver settings, e.g. a learned one).
-
-        A method linear in lambda (``LINEAR_IN_LAMBDA``) whose inputs and output are
-        32 bits or more is formed with the base at zero (``Inputs.execute``):
-        f'(lambda) = f(lambda) - base, in full at the first lambda_1 of each setting
-        of its other knobs, and f'(0) by a cheap method at the second (``zero_of``);
-        every lambda is then base + f'(0) + (lambda / lambda_1) (f'(lambda_1) -
-        f'(0)), one scaled add. mergekit's ``base + lambda * mixed_delta`` computes
-        ``entry - base`` first, so at lambda_1 this is its merge bit for bit; at other
-        lambdas the difference is a rounding of the (small) merged delta, not of the
-        (large) weights. 16-bit inputs or outputs: formed in full at every lambda
-        (mergekit's 16-bit arithmetic is not a float32 scaled add).
-        """
+        another recipe with the candidate's solver settings, e.g. a learned one); a
+        method linear in lambda as one scaled add on its setting's ``Line``."""
         if cfg is not None or not scalable(candidate):
             return cast(*self._formed(candidate, cfg))
         lam = candidate.overrides()["lambda"]
         key = line_key(candidate)
-        if key in self.shelf and (self.line is None or self.line.key != key):
-            self._new_line(self.shelf.pop(key))  # formed before: not again
+        if key in self.shelf.lines and (self.line is None or self.line.key != key):
+            self._new_line(self.shelf.take(key))  # formed before: not again
         line = self.line
         if (line is not None and line.key != key and line.first is not None
                 and shifted_key(key) is not None and shifted_key(key) == shifted_key(line.key)):
@@ -550,21 +574,10 @@ class Former:
             cfg.out_dtype), moved))
 
     def _new_line(self, line: Line) -> None:
-        """``line`` becomes the current one; the one it replaces goes on the shelf,
-        where it is kept while the shelf fits in the memory forming left (``room``),
-        the least recently used dropped first. A later candidate of that setting, e.g.
-        a method's best scored again on --test, is then one add instead of a new
-        merge (for WUDI, minutes)."""
+        """``line`` becomes the current one; the one it replaces goes on the shelf."""
         old, self.line = self.line, line
-        if old is None or old.first is None or old.key == line.key:
-            return
-        self.shelf[old.key] = old
-        while self.shelf and sum(map(line_bytes, self.shelf.values())) > self.room:
-            del self.shelf[next(iter(self.shelf))]
-
-    def clear_shelf(self) -> None:
-        """Give the shelf's memory back (the learned fit needs it)."""
-        self.shelf = {}
+        if old is not None and old.key != line.key:
+            self.shelf.put(old)
 
     def _formed(self, candidate: Candidate, cfg=None, deltas: bool = False):
         """(raw merged tensors, their tasks, the recipe's out_dtype): the candidate

@@ -109,7 +109,7 @@ def test_a_setting_formed_before_is_taken_from_the_shelf(example, room):
 
     _, former = _former(recipe)
     if not room:
-        former.room = 0
+        former.shelf.room = 0
     former.prepare(first + other)
     calls = _counting(former)
     for c in first[:2] + other:
@@ -117,7 +117,7 @@ def test_a_setting_formed_before_is_taken_from_the_shelf(example, room):
     assert len(calls) == 4  # each setting: in full at its first lambda, f'(0) at its second
     again = former.form(first[2])
     assert len(calls) == (4 if room else 5)
-    assert bool(former.shelf) == room
+    assert bool(former.shelf.lines) == room
     assert set(again) == set(expected)
     for name, tensor in expected.items():
         if room:
