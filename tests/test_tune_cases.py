@@ -253,8 +253,8 @@ def test_load_model_passes_the_revision(monkeypatch):
 
 
 def test_default_methods_leave_out_data_free_rules_too_slow_at_this_size(example, monkeypatch):
-    """A default tune runs wudi, tsv and iso_c where they are cheap enough to form and
-    leaves each out, with its reason, above its size on CPU; --methods names them anyway."""
+    """A default tune runs wudi, tsv, iso_c and awd_wudi where they are cheap enough to
+    form and leaves each out, with its reason, above its size on CPU; --methods names them anyway."""
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
@@ -271,11 +271,12 @@ def test_default_methods_leave_out_data_free_rules_too_slow_at_this_size(example
         return stages.plan(req)
 
     small = plan()
-    assert {"wudi", "tsv", "iso_c"} <= set(small.methods) and not small.left_out
+    assert {"wudi", "tsv", "iso_c", "awd_wudi"} <= set(small.methods) and not small.left_out
     monkeypatch.setattr(tune, "COSTLY_DEFAULTS", {"wudi": parameters * 0.99,
+                                                  "awd_wudi": parameters * 0.99,
                                                   "tsv": parameters * 1.01})
     large = plan()
-    assert set(large.left_out) == {"wudi"}
+    assert set(large.left_out) == {"wudi", "awd_wudi"}
     assert "forming it takes hours" in large.left_out["wudi"]
     assert "tsv" in large.methods and "wudi" not in large.methods
     assert "wudi" in plan("awd,wudi").methods  # named: run at any size

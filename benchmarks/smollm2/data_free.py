@@ -6,6 +6,8 @@ and on the general prompts.
 
     python benchmarks/smollm2/data_free.py WORK --regime a --seed 2
     python benchmarks/smollm2/data_free.py WORK --regime b-inst --seed 0
+    python benchmarks/smollm2/data_free.py WORK --regime b-inst --seed 0 \
+        --methods awd_tsv,awd_wudi --keep-delta 1
     python benchmarks/smollm2/data_free_tables.py WORK/data-free/*/s*/tune.json
 
 WORK is run.py's folder (the base, the data and the fine-tunes are made there when
@@ -58,6 +60,9 @@ def main():
     parser.add_argument("--regime", default="a", choices=("a", "b-inst", "b-stage"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--keep-delta", default=None,
+                        help="keep_delta values of the AWD variants (tune's --keep-delta; "
+                             "default: tune's, 0); the run goes to its own folder")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--n", type=int, default=200, help="test prompts per task")
     parser.add_argument("--n-val", type=int, default=100, help="validation prompts per task")
@@ -67,10 +72,12 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     merge_base, models, data = models_of(args.work, args.regime, args.seed, args.steps,
                                          args.n, args.n_val)
-    folder = os.path.join(args.work, "data-free", args.regime, f"s{args.seed}")
+    name = f"s{args.seed}" + (f"-kd{args.keep_delta}" if args.keep_delta else "")
+    folder = os.path.join(args.work, "data-free", args.regime, name)
     os.makedirs(folder, exist_ok=True)
     path = run.recipe(merge_base, models, os.path.join(folder, "recipe.yml"))
-    t = run.tune(path, data, folder, ["--methods", args.methods])
+    extra = ["--keep-delta", args.keep_delta] if args.keep_delta else []
+    t = run.tune(path, data, folder, ["--methods", args.methods, *extra])
     print(f"{args.regime}/s{args.seed}: chosen {t['test']['candidate']}, "
           f"{t['process_seconds']:.0f} s; tables: python {HERE}/data_free_tables.py "
           f"{folder}/tune.json")

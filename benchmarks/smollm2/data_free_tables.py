@@ -5,6 +5,7 @@ several runs (seeds), each run's tables, then the differences pooled over the se
 (the mean of the seeds' differences, bootstrap within task and seed).
 
     python benchmarks/smollm2/data_free_tables.py SEED0/tune.json [SEED1/tune.json ...]
+    python benchmarks/smollm2/data_free_tables.py SEED0/tune.json+SEED0-kd1/tune.json
 """
 
 from __future__ import annotations
@@ -49,9 +50,29 @@ def paired(a: dict, b: dict, n: int = 2000, seed: int = 0):
     return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def main(path: str) -> None:
-    t = json.load(open(path))
+def load(path: str):
+    """(tune.json, its tested scores, its best row per method). ``A.json+B.json``: one
+    seed's run A with run B beside it (the same data and fine-tunes, other settings,
+    e.g. the AWD variants at keep_delta 1): B's methods join A's as "METHOD (B's
+    settings)", compared with A's TIES and plain rule."""
+    first, *others = path.split("+")
+    t = json.load(open(first))
     test, best = tested(t), best_per_method(t)
+    for other in others:
+        u = json.load(open(other))
+        theirs = tested(u)
+        for method, r in best_per_method(u).items():
+            if r["candidate"] in test or r["candidate"] not in theirs:
+                continue  # the same candidate as A's, or not scored on test
+            shared = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items()
+                               if k not in ("lambda", "alpha"))
+            best[f"{method} ({shared})"] = r
+            test[r["candidate"]] = theirs[r["candidate"]]
+    return t, test, best
+
+
+def main(path: str) -> None:
+    t, test, best = load(path)
     print("| method (best on validation) | val exact | " + " | ".join(TASKS)
           + " | test mean | general loss |")
     print("|---|---:|" + "---:|" * len(TASKS) + "---:|---:|")
@@ -74,7 +95,7 @@ def main(path: str) -> None:
         if ties is not None and method != "ties":
             d = paired(s, ties)
             lines.append(f"- TIES {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
-        plain = method.removeprefix("awd_")
+        plain = method.split(" ")[0].removeprefix("awd_")
         if plain != method and plain in best and test.get(best[plain]["candidate"]):
             d = paired(s, test[best[plain]["candidate"]])
             lines.append(f"- {plain} {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
@@ -85,9 +106,7 @@ def main(path: str) -> None:
 
 def pooled(paths) -> None:
     """Per method: mean test exact over the seeds, and paired differences pooled."""
-    runs = [json.load(open(p)) for p in paths]
-    tests = [tested(t) for t in runs]
-    bests = [best_per_method(t) for t in runs]
+    runs, tests, bests = zip(*map(load, paths))
     methods = [m for m in bests[0] if all(m in b and test.get(b[m]["candidate"])
                                             for b, test in zip(bests, tests))]
 
@@ -122,7 +141,7 @@ def pooled(paths) -> None:
             cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
         else:
             cells.append("")
-        plain = method.removeprefix("awd_")
+        plain = method.split(" ")[0].removeprefix("awd_")
         if plain != method and plain in methods:
             d = pooled_diff(s, scores(plain))
             cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
