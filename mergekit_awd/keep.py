@@ -106,8 +106,8 @@ def load(specs: Sequence[str], keep_model: Optional[str], weight: Optional[float
     examples = [e for t in parts for e in t.examples]
     missing = [i for i, (_, a) in enumerate(examples) if a is None]
     if missing:
-        say(f"tune --keep: {keep_model or 'the base model'}'s greedy answers to {len(missing)} prompt(s) "
-            f"are the reference answers")
+        say(f"tune --keep: {keep_model or 'the base model'}'s greedy answers to "
+            f"{len(missing)} prompt(s) are the reference answers")
         answers = _answers(keep_model, tokenizer, model, [examples[i][0] for i in missing],
                            end_ids, max_new_tokens, remote)
         for i, answer in zip(missing, answers):

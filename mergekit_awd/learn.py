@@ -330,11 +330,13 @@ class _Batches:
         """Examples in the same order while their tokens stay within ``budget``
         (at least one)."""
         out: list = []
+        used = 0
         while True:
             nxt = self.tasks[self.turn % len(self.tasks)][self._queue()[-1]]  # a peek
-            if out and sum(map(_tokens, out)) + _tokens(nxt) > budget:
+            if out and used + _tokens(nxt) > budget:
                 return out  # nxt is left for the next step
             out.append(self._pop())
+            used += _tokens(nxt)
 
 
 def _tokens(example, answer_guess: int = 0) -> int:

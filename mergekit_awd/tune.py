@@ -403,9 +403,9 @@ def memory_need(config, model) -> int:
                                          for p in model.parameters())
 
 
-def memory_refusal(config, model, max_memory: int) -> str:
-    """Why candidates cannot be formed in memory ("" where they can)."""
-    need = memory_need(config, model)
+def memory_refusal(need: int, max_memory: int) -> str:
+    """Why candidates needing ``need`` bytes (``memory_need``) cannot be formed in
+    memory ("" where they can)."""
     if need > max_memory:
         return (f"the inputs and the model need about {need / 2**30:.1f} GiB, over "
                 f"--max-memory {max_memory / 2**30:.1f} GiB")
@@ -448,8 +448,9 @@ class Shelf:
         if line.first is None:  # formed in full at every lambda: nothing to keep
             return
         self.lines[line.key] = line
-        while self.lines and sum(map(line_bytes, self.lines.values())) > self.room:
-            del self.lines[next(iter(self.lines))]
+        held = sum(map(line_bytes, self.lines.values()))
+        while self.lines and held > self.room:
+            held -= line_bytes(self.lines.pop(next(iter(self.lines))))
 
     def take(self, key: tuple) -> Line:
         return self.lines.pop(key)
@@ -470,9 +471,10 @@ class Former:
         self.collected: Optional[scope.Collected] = None
         self.runs: Dict = {}
         self.line: Optional[Line] = None  # the setting formed last (``form``)
-        self.shelf = Shelf(max_memory - memory_need(config, model) if in_memory else 0)
+        need = memory_need(config, model) if in_memory else max_memory
+        self.shelf = Shelf(max_memory - need)
         self.gram_seconds = 0.0
-        self.reason = (memory_refusal(config, model, max_memory) if in_memory
+        self.reason = (memory_refusal(need, max_memory) if in_memory
                        else "--eval-cmd scores a model folder")
         self.in_memory = in_memory and not self.reason
 
