@@ -68,6 +68,20 @@ def main():
     return 1 if counts["FAIL"] else 0
 
 
+# sections of docs/conformance.md written by hand from other runs (--data-free): kept
+KEPT_SECTIONS = ("## The data-free rules",)
+
+
+def kept_sections(path):
+    """The lines of ``path`` from the first kept section on (none: [])."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = f.read().splitlines()
+    starts = [i for i, line in enumerate(old) if line.startswith(KEPT_SECTIONS)]
+    return [""] + old[starts[0]:] if starts else []
+
+
 def write(path, names, results, summary):
     rows = conformance.pairwise(conformance.AXES)
     lines = [
@@ -156,6 +170,7 @@ def write(path, names, results, summary):
                   "to test)."]
     if notes:
         lines += ["", "## Refusals and failures", ""] + notes
+    lines += kept_sections(path)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")
