@@ -129,8 +129,12 @@ def pooled(paths) -> None:
 
     print(f"\npooled over {len(runs)} seeds: test exact (mean of seeds), general loss, "
           "paired differences in test exact points [95% CI]")
-    print("| method | test mean | per seed | general loss | - TIES | AWD variant - plain |")
-    print("|---|---:|---|---:|---:|---:|")
+    chosen = {next(m for m, r in b.items() if r["candidate"] == t["test"]["candidate"])
+              for t, b in zip(runs, bests)}
+    choice = chosen.pop() if len(chosen) == 1 else None  # the same method in every seed
+    print("| method | test mean | per seed | general loss | - TIES | AWD variant - plain | "
+          + (f"{choice} (tune's choice) - this |" if choice else "tune's choice - this |"))
+    print("|---|---:|---|---:|---:|---:|---:|")
     for method in methods:
         s = scores(method)
         means = [100 * np.mean([x[k]["exact"] for k in TASKS]) for x in s]
@@ -147,6 +151,11 @@ def pooled(paths) -> None:
             cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
         else:
             cells.append("")
+        if choice is not None and method != choice:
+            d = pooled_diff(scores(choice), s)
+            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+        else:
+            cells.append("" if choice is not None else "(choices differ by seed)")
         print(f"| {method} | {np.mean(means):.1f} | " + " / ".join(f"{m:.1f}" for m in means)
               + f" | {loss:.2f} | " + " | ".join(cells) + " |")
     print("chosen: " + "; ".join(t["test"]["candidate"] for t in runs))

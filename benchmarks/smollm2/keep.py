@@ -172,7 +172,8 @@ def one_seed(work: str, seed: int, weights, results: dict, save, variant: str = 
     first = os.path.join(folder, f"keep-w{weights[0]:g}{variant}")
     if variant:
         first = os.path.join(folder, "no-keep")  # the record to reuse
-    for weight in [*weights[:1], None, *weights[1:]]:
+    # a variant reuses the run without --keep's static search: that run goes first
+    for weight in [None, *weights] if variant else [*weights[:1], None, *weights[1:]]:
         name = "no keep" if weight is None else f"keep w={weight:g}{variant}"
         out = os.path.join(folder, "no-keep" if weight is None
                            else f"keep-w{weight:g}{variant}")
