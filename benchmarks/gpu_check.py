@@ -156,9 +156,8 @@ def tune_check(cache, gpu, learn: bool) -> bool:
     ok = True
     for what, options in runs:
         tables, times = [], []
-        for extra in ([], gpu):
-            out = os.path.join(cache, f"tune-{what.replace(' ', '')}-" +
-                               ("gpu" if extra is gpu else "cpu"))
+        for leg, extra in (("cpu", []), ("gpu", gpu)):
+            out = os.path.join(cache, f"tune-{what.replace(' ', '')}-{leg}")
             subprocess.run(["rm", "-rf", out])
             args = [exe, "tune", recipe, "--out", out, "--quiet", *options, *extra]
             for t in examples.TASKS:
@@ -169,7 +168,7 @@ def tune_check(cache, gpu, learn: bool) -> bool:
             with open(os.path.join(out, "tune.json")) as f:
                 tables.append(json.load(f))
         cpu, dev = tables
-        static = [(a, b) for a, b in zip(cpu["candidates"], dev["candidates"])]
+        static = list(zip(cpu["candidates"], dev["candidates"]))
         d_exact = max(abs(a["mean"]["exact"] - b["mean"]["exact"]) for a, b in static)
         d_loss = max(abs(a["mean"]["loss"] - b["mean"]["loss"]) / abs(a["mean"]["loss"])
                      for a, b in static)

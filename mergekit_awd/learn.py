@@ -332,11 +332,11 @@ class _Batches:
         out: list = []
         used = 0
         while True:
-            nxt = self.tasks[self.turn % len(self.tasks)][self._queue()[-1]]  # a peek
-            if out and used + _tokens(nxt) > budget:
-                return out  # nxt is left for the next step
+            peeked = _tokens(self.tasks[self.turn % len(self.tasks)][self._queue()[-1]])
+            if out and used + peeked > budget:
+                return out  # the peeked example is left for the next step
             out.append(self._pop())
-            used += _tokens(nxt)
+            used += peeked
 
 
 def _tokens(example, answer_guess: int = 0) -> int:

@@ -50,6 +50,16 @@ def paired(a: dict, b: dict, n: int = 2000, seed: int = 0):
     return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def points(d) -> str:
+    """A difference (point, low, high) in exact points with its interval."""
+    return f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
+
+
+def plain_rule(method: str) -> str:
+    """The rule an AWD variant runs behind ("awd_wudi (keep_delta 1)" -> "wudi")."""
+    return method.split(" ")[0].removeprefix("awd_")
+
+
 def load(path: str):
     """(tune.json, its tested scores, its best row per method). ``A.json+B.json``: one
     seed's run A with run B beside it (the same data and fine-tunes, other settings,
@@ -94,11 +104,11 @@ def main(path: str) -> None:
         lines = []
         if ties is not None and method != "ties":
             d = paired(s, ties)
-            lines.append(f"- TIES {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
-        plain = method.split(" ")[0].removeprefix("awd_")
+            lines.append("- TIES " + points(d))
+        plain = plain_rule(method)
         if plain != method and plain in best and test.get(best[plain]["candidate"]):
             d = paired(s, test[best[plain]["candidate"]])
-            lines.append(f"- {plain} {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+            lines.append(f"- {plain} " + points(d))
         if lines:
             print(f"{method}: " + "; ".join(lines) + " (test exact points)")
     print(f"\nchosen: {t['test']['candidate']}")
@@ -142,18 +152,18 @@ def pooled(paths) -> None:
         cells = []
         if "ties" in methods and method != "ties":
             d = pooled_diff(s, scores("ties"))
-            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+            cells.append(points(d))
         else:
             cells.append("")
-        plain = method.split(" ")[0].removeprefix("awd_")
+        plain = plain_rule(method)
         if plain != method and plain in methods:
             d = pooled_diff(s, scores(plain))
-            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+            cells.append(points(d))
         else:
             cells.append("")
         if choice is not None and method != choice:
             d = pooled_diff(scores(choice), s)
-            cells.append(f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+            cells.append(points(d))
         else:
             cells.append("" if choice is not None else "(choices differ by seed)")
         print(f"| {method} | {np.mean(means):.1f} | " + " / ".join(f"{m:.1f}" for m in means)
