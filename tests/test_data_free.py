@@ -70,6 +70,23 @@ def test_wudi_matches_autograd_through_the_products(T, shape):
     assert float((got - sum(taus)).norm()) > 1e-3 * float(sum(taus).norm())  # it moved
 
 
+def test_wudi_forms_its_terms_through_the_smaller_side():
+    """A tall matrix (an embedding: m = vocabulary >> n): B = sum_i tau_i tau_i^T tau_i / n_i
+    through an n x n product, never an m x m one (9.7 GB for SmolLM2's 49152 x 576, 66 GB
+    for Llama 3's 128256 x 2048), and A likewise: O(T m n^2) flops in all. Wide: m n^2
+    would be the larger, so the m x m side is the cheap one there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for shape, bound in (((3000, 6), 3 * 3000 * 6 * 6), ((6, 3000), 3 * 3000 * 6 * 6)):
+        taus = torch.stack(_taus(3, shape, seed=5, scale=1e-3))
+        with FlopCounterMode(display=False) as counter:
+            apply, B = spectral.wudi_terms(taus)
+            apply(B)
+        assert counter.get_total_flops() <= 10 * bound, (shape, counter.get_total_flops())
+        want = sum(t @ t.T @ t / t.square().sum() for t in taus)
+        _close(B, want)
+
+
 def test_null_directions_carry_nothing():
     """A task vector that is zero on a tensor (a frozen embedding) has no directions:
     TSV-M gives the other tasks' merge with the same r, WUDI the merge without it
