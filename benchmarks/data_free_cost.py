@@ -7,8 +7,10 @@ For every distinct matrix shape of a model (T = 4 task vectors of random float32
 entries), times each rule's kernel (``spectral``; WUDI for --wudi-steps steps, then
 per step times its published 300) and task arithmetic's sum, and multiplies by how
 often the shape occurs. WUDI's cost is the same at every step (one x A product and
-Adam's update), so a few steps measure it; an SVD's cost does not depend on the
-values. Shapes too large to time here (--max-elements) are left out and said so.
+Adam's update), so a few steps measure it (30 on the small shapes); an SVD's cost does
+not depend on the values. Every kernel runs once before anything is timed, and a small
+shape's time is the best of 3. Shapes too large to time here (--max-elements) are left
+out and said so.
 """
 
 from __future__ import annotations
@@ -52,14 +54,24 @@ def _time(fn, repeat: int = 1) -> float:
 
 def matrix_seconds(shape, T: int, wudi_steps: int, device: str) -> dict:
     taus = torch.randn(T, *shape, device=device) * 1e-3
-    out = {"task_arithmetic": _time(lambda: taus.sum(dim=0))}
-    out["tsv"] = _time(lambda: spectral.tsv_m(taus))
-    out["iso_c"] = _time(lambda: spectral.iso_c(taus))
-    out["iso_cts"] = _time(lambda: spectral.iso_cts(taus, 0.8))
-    setup = _time(lambda: spectral.wudi_terms(taus))
-    steps = _time(lambda: spectral.wudi(taus, wudi_steps, 1e-5)) - setup
+    small = taus.numel() <= 2e7  # best of 3, and WUDI's steps long enough to dwarf its setup
+    repeat, wudi_steps = (3, max(wudi_steps, 30)) if small else (1, wudi_steps)
+    out = {"task_arithmetic": _time(lambda: taus.sum(dim=0), repeat)}
+    out["tsv"] = _time(lambda: spectral.tsv_m(taus), repeat)
+    out["iso_c"] = _time(lambda: spectral.iso_c(taus), repeat)
+    out["iso_cts"] = _time(lambda: spectral.iso_cts(taus, 0.8), repeat)
+    setup = _time(lambda: spectral.wudi_terms(taus), repeat)
+    steps = _time(lambda: spectral.wudi(taus, wudi_steps, 1e-5), repeat) - setup
     out["wudi"] = setup + max(steps, 0.0) / wudi_steps * STEPS
     return out
+
+
+def warm_up(device: str) -> None:
+    """Each kernel once on a small matrix before anything is timed: the first call of
+    torch.optim.Adam and of the LAPACK routines costs about a second once, which the
+    scaling of WUDI's few steps to 300 multiplied by 60 (an earlier run of this script
+    gave the first shape, 576 x 576, 69 s of WUDI instead of ~1.5 s)."""
+    matrix_seconds((64, 48), 4, 2, device)
 
 
 def main():
@@ -72,6 +84,7 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     T, results = 4, {}
+    warm_up(args.device)
     for size in args.sizes.split(","):
         total, skipped = {}, []
         for shape, count in shapes(MODELS[size]).items():
