@@ -36,8 +36,10 @@ STEPS = 300
 
 def shapes(m: dict) -> dict:
     L, h, kv, ff, V = m["layers"], m["h"], m["kv"], m["ff"], m["vocab"]
-    out = {(h, h): 2 * L, (kv, h): 2 * L, (ff, h): 2 * L, (h, ff): L,
-           (V, h): 1 if m["tied"] else 2}
+    out = {}
+    for shape, count in (((h, h), 2 * L), ((kv, h), 2 * L), ((ff, h), 2 * L), ((h, ff), L),
+                         ((V, h), 1 if m["tied"] else 2)):
+        out[shape] = out.get(shape, 0) + count  # q/o and k/v are one shape where kv = h
     return out
 
 

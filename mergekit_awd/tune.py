@@ -133,12 +133,13 @@ DEFAULT_METHODS = ("task_arithmetic", "ties", "awd", "awd_ties", "wudi", "tsv", 
                    "awd_wudi")
 # The data-free rules among them beat TIES in SmolLM2 regime (a), every seed measured,
 # and awd_wudi was the choice in regime (b) (fine-tunes sharing a stage: +5.4 [+3.7,
-# +7.3] over wudi on test, 2 seeds; in (a) -0.9 [-2.1, +0.2]) (docs/benchmarks.md), but
-# they cost far more to form than a sum: at 135M parameters, 4 task vectors, 2 CPU
-# cores, wudi and awd_wudi ~10 min each, tsv ~70 s, iso_c ~13 s (task arithmetic 5 s),
-# growing with parameters x width. A default tune leaves each out, with one line, above
-# these parameters per model on CPU (100x more with --cuda: an estimate from flop counts,
-# not measured); --methods names them at any size.
+# +7.3] over wudi on test, 2 seeds; in (a) -0.7 [-1.5, +0.2], 3 seeds)
+# (docs/benchmarks.md), but they cost far more to form than a sum: 4 task vectors, 2 CPU
+# cores, wudi and awd_wudi ~8 min each at 135M and 5.3 h at 1B, tsv ~70 s and 30 min,
+# iso_c ~13 s and 6 min (a task-arithmetic merge: 5-12 s and ~25 s), growing with
+# parameters x width. A default tune leaves each out, with one line, above these
+# parameters per model on CPU (100x more with --cuda: an estimate from flop counts, not
+# measured); --methods names them at any size.
 COSTLY_DEFAULTS = {"wudi": 0.3e9, "awd_wudi": 0.3e9, "tsv": 1e9, "iso_c": 3e9}
 
 
