@@ -66,9 +66,10 @@ class RunContext:
 
     def __init__(self, *, config=None, options=None, out_path: Optional[str] = None,
                  gram_pass: Optional[Callable[[], scope.Collected]] = None,
-                 known: Optional[scope.Collected] = None, planned: int = 0):
+                 known: Optional[scope.Collected] = None, planned: int = 0,
+                 quiet: Optional[bool] = None):
         self.config, self.options, self.out_path = config, options, out_path
-        self.quiet = bool(getattr(options, "quiet", False))
+        self.quiet = bool(getattr(options, "quiet", False)) if quiet is None else quiet
         self.gram_pass = gram_pass  # reads the scope: global inputs (a Gram pass)
         self.known = known  # a Gram pass already made over the same inputs (tune)
         self.planned = planned  # > 0: report when this many tensors are merged

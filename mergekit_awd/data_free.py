@@ -21,7 +21,9 @@ mergekit merge.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -70,12 +72,62 @@ def knobs(rule: str, s: Settings) -> dict:
 
 
 def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str],
-                 vocabulary_axis: Optional[int]) -> torch.Tensor:
+                 vocabulary_axis: Optional[int],
+                 progress: spectral.Progress = None) -> torch.Tensor:
     """The merged task vector (before lambda) of one tensor's stacked, weighted task
     vectors ``taus`` (T x shape)."""
     if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
         return spectral.average(taus)
-    return spectral.merged(rule, taus, **knobs(rule, s))
+    return spectral.merged(rule, taus, progress, **knobs(rule, s))
+
+
+class TensorProgress:
+    """How one tensor's rule goes, said on stderr: nothing for its first ``after``
+    seconds (most tensors form in less), then a line every ``every`` seconds with the
+    share done and the time left at the rate so far (a 1B model's embedding takes
+    WUDI over an hour on CPU, under a progress bar that counts whole tensors)."""
+
+    def __init__(self, what: str, write: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic, after: float = 30.0,
+                 every: float = 60.0):
+        self.what, self.write, self.clock, self.every = what, write, clock, every
+        self.start = clock()
+        self.due = self.start + after
+
+    def __call__(self, fraction: float) -> None:
+        now = self.clock()
+        if now < self.due:
+            return
+        self.due = now + self.every
+        spent = now - self.start
+        self.write(f"{self.what}: {100 * fraction:.0f}% done after {duration(spent)}, "
+                   f"about {duration(spent * (1 - fraction) / fraction)} left")
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: 45 s, 12 min 5 s, 1 h 16 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _stderr(line: str) -> None:
+    """A line above mergekit's progress bar (tqdm's), not through it."""
+    import tqdm
+
+    tqdm.tqdm.write(line, file=sys.stderr)
+
+
+def tensor_progress(rule: str, name: Optional[str], shape) -> Optional[TensorProgress]:
+    """The progress of ``rule`` on one tensor, or None under ``--quiet``."""
+    run = context.current()
+    if run is not None and run.quiet:
+        return None
+    dims = " x ".join(str(d) for d in shape)
+    return TensorProgress(f"{rule}: {name or '<unnamed>'} ({dims})", _stderr)
 
 
 def weighted(taus: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -90,7 +142,9 @@ def scaled_delta(rule: str, taus: torch.Tensor, s: Settings, metadata) -> torch.
     """lambda * the merged task vector of one tensor's stacked task vectors ``taus``
     (weighted in place), ``metadata`` its mergekit TensorMetadata."""
     taus = weighted(taus, s.weights)
-    return s.lam * merged_delta(rule, taus, s, metadata.name, metadata.vocabulary_axis)
+    progress = tensor_progress(rule, metadata.name, taus.shape[1:])
+    return s.lam * merged_delta(rule, taus, s, metadata.name, metadata.vocabulary_axis,
+                                progress)
 
 
 class DataFreeMerge(GroupMergeMethod):

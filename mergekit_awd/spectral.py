@@ -15,11 +15,25 @@ the result is defined (equal to the reference wherever the reference's is).
 
 Null directions: a singular triplet with s <= s_1 * max(m, n) * eps(dtype)
 (numpy's matrix_rank rule) is numerically zero; its vectors are arbitrary.
+
+``progress``, where a rule takes it, is called with the share of the tensor's work
+done (0 < f < 1) after each of its long steps (an SVD, a WUDI step): a 1B model's
+embedding takes WUDI over an hour on CPU, and the caller says how it goes.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+
+Progress = Optional[Callable[[float], None]]
+
+
+def _said(progress: Progress, done: int, total: int) -> None:
+    """``progress`` told that ``done`` of ``total`` parts are done (not at the end)."""
+    if progress is not None and 0 < done < total:
+        progress(done / total)
 
 
 def _svd(x: torch.Tensor):
@@ -61,16 +75,17 @@ def recombine(us, ss, vhs) -> torch.Tensor:
 
 # -- TSV-M (Gargiulo et al., CVPR 2025; FusionBench compute_and_sum_svd_mem_reduction) --
 
-def tsv_m(taus: torch.Tensor) -> torch.Tensor:
+def tsv_m(taus: torch.Tensor, progress: Progress = None) -> torch.Tensor:
     """Each task's top r = int(k * (1/T)) singular triplets (FusionBench's rounding),
     concatenated; U and Vh replaced by their polar factors; recombined."""
     T, m, n = taus.shape
     r = int(min(m, n) * (1.0 / T))
     us, ss, vhs = [], [], []
-    for tau in taus:
+    for i, tau in enumerate(taus):
         u, s, vh = _svd(tau)
         keep = min(r, rank_cut(s, (m, n)))
         us.append(u[:, :keep]), ss.append(s[:keep]), vhs.append(vh[:keep])
+        _said(progress, i + 1, T + 1)
     return recombine(us, ss, vhs)
 
 
@@ -93,7 +108,7 @@ def common_size(k: int, T: int, fraction: float) -> int:
     return max(0, k - specific)
 
 
-def iso_cts(taus: torch.Tensor, fraction: float) -> torch.Tensor:
+def iso_cts(taus: torch.Tensor, fraction: float, progress: Progress = None) -> torch.Tensor:
     """The top ``common_size`` directions of the sum, plus for each task the top
     (k - common) / T directions of its task vector with the common left space
     projected out; U and Vh made orthonormal (polar); every singular value replaced
@@ -104,10 +119,12 @@ def iso_cts(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     per_task = (k - common) // T
     u, s, vh = _svd(taus.sum(dim=0))
     us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
-    for tau in taus:
+    _said(progress, 1, T + 2)
+    for i, tau in enumerate(taus):
         rest = tau - us[0] @ (us[0].T @ tau)
         ut, st, vht = _svd(rest)
         us.append(ut[:, :per_task]), ss.append(st[:per_task]), vhs.append(vht[:per_task])
+        _said(progress, i + 2, T + 2)
     level = torch.cat(ss).sum() / k  # the mean over the k slots the reference fills
     kept = [min(len(x), rank_cut(x, (m, n))) for x in ss]
     us = [x[:, :c] for x, c in zip(us, kept)]
@@ -159,7 +176,7 @@ def _triple(c: torch.Tensor) -> torch.Tensor:
     return (c @ c.T) @ c
 
 
-def wudi(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+def wudi(taus: torch.Tensor, steps: int, lr: float, progress: Progress = None) -> torch.Tensor:
     """WUDI's tau_m: torch.optim.Adam (betas 0.9/0.999, eps 1e-8, no weight decay, as
     the reference) for ``steps`` steps of learning rate ``lr`` from the sum, with the
     gradient 2 (tau_m A - B) in closed form (no autograd, no T x m x m product)."""
@@ -168,28 +185,40 @@ def wudi(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         return merged
     apply, B = wudi_terms(taus)
     optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
-    for _ in range(steps):
+    for step in range(steps):
         with torch.no_grad():
             merged.grad = 2.0 * (apply(merged) - B)
         optimizer.step()
+        _said(progress, step + 1, steps)
     return merged.detach()
 
 
-def merged(rule: str, taus: torch.Tensor, **knobs) -> torch.Tensor:
+def merged(rule: str, taus: torch.Tensor, progress: Progress = None, **knobs) -> torch.Tensor:
     """RULE ("tsv", "iso_c", "iso_cts" with ``fraction``, "wudi" with ``steps`` and
     ``lr``) of one matrix's stacked task vectors (T x m x n), or of each matrix of a
     stack of them (T x E x m x n, e.g. fused MoE experts) on its own."""
     if taus.ndim == 4:
-        return torch.stack([merged(rule, taus[:, e], **knobs) for e in range(taus.shape[1])])
+        E = taus.shape[1]
+        return torch.stack([merged(rule, taus[:, e], _part(progress, e, E), **knobs)
+                            for e in range(E)])
     if rule == "tsv":
-        return tsv_m(taus)
+        return tsv_m(taus, progress)
     if rule == "iso_c":
         return iso_c(taus)
     if rule == "iso_cts":
-        return iso_cts(taus, knobs["fraction"])
+        return iso_cts(taus, knobs["fraction"], progress)
     if rule == "wudi":
-        return wudi(taus, knobs["steps"], knobs["lr"])
+        return wudi(taus, knobs["steps"], knobs["lr"], progress)
     raise ValueError(f"unknown data-free rule {rule!r}")
+
+
+def _part(progress: Progress, e: int, E: int) -> Progress:
+    """``progress`` of the whole stack, told from the e-th of its E matrices (the
+    matrices before it done; the end of one is said as the stack's share)."""
+    if progress is None:
+        return None
+    _said(progress, e, E)
+    return lambda f: progress((e + f) / E)
 
 
 def average(taus: torch.Tensor) -> torch.Tensor:

@@ -512,11 +512,12 @@ class Former:
         """The candidate's merge context: one solve per solver setting, shared by the
         candidates that have it (scope: tensor: each tensor solves itself)."""
         known = self.known_gram(candidate)
+        quiet = bool(getattr(self.options, "quiet", False))  # the rules' progress lines
         if known is None:
-            return context.RunContext()
+            return context.RunContext(quiet=quiet)
         key = known.settings.solver_key()
         if key not in self.runs:
-            self.runs[key] = context.RunContext(known=known)
+            self.runs[key] = context.RunContext(known=known, quiet=quiet)
             self.runs[key].global_solution(known.settings, known.models)
         return self.runs[key]
 

@@ -284,3 +284,94 @@ def test_an_svd_that_fails_in_float32_is_done_in_float64(monkeypatch):
     got = spectral.iso_cts(torch.stack(taus).float(), 0.8)
     assert got.dtype == torch.float32
     _close(got.double(), naive.iso_cts(taus, 0.8), 1e-5)
+
+
+# -- progress on long tensors ------------------------------------------------------------
+
+
+def test_rules_tell_their_progress_and_it_changes_nothing():
+    """Each long step says its share of the tensor's work, rising inside (0, 1): WUDI per
+    step, TSV-M and Iso-CTS per SVD, a stack of experts per expert and within each; the
+    merged tensor is the same bits with or without a listener."""
+    taus = torch.stack(_taus(3, (12, 9), seed=3, scale=1e-3)).float()
+    cases = {"wudi": (dict(steps=8, lr=1e-5), 7), "tsv": ({}, 3),
+             "iso_cts": (dict(fraction=0.5), 4), "iso_c": ({}, 0)}
+    for rule, (knobs, calls) in cases.items():
+        said = []
+        got = spectral.merged(rule, taus.clone(), said.append, **knobs)
+        assert torch.equal(got, spectral.merged(rule, taus.clone(), **knobs)), rule
+        assert len(said) == calls, (rule, said)
+        assert said == sorted(said) and all(0 < f < 1 for f in said), (rule, said)
+    said = []
+    stack = torch.stack([taus, 2 * taus], dim=1)  # T x E x m x n, E = 2 experts
+    spectral.merged("wudi", stack, said.append, steps=4, lr=1e-5)
+    assert said == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875], said
+
+
+def test_tensor_progress_speaks_only_on_long_tensors():
+    """Silent for its first 30 s, then one line a minute: share done, time left at the
+    rate so far."""
+    now, lines = [100.0], []
+    progress = data_free.TensorProgress("wudi: embed (49152 x 576)", lines.append,
+                                        clock=lambda: now[0])
+    for t, f in ((110, 0.1), (129, 0.2), (130, 0.25), (150, 0.3), (190, 0.5), (4000, 0.9)):
+        now[0] = t
+        progress(f)
+    assert lines == ["wudi: embed (49152 x 576): 25% done after 30 s, about 1 min 30 s left",
+                     "wudi: embed (49152 x 576): 50% done after 1 min 30 s, "
+                     "about 1 min 30 s left",
+                     "wudi: embed (49152 x 576): 90% done after 1 h 5 min, about 7 min 13 s left"]
+
+
+@pytest.mark.parametrize("quiet", (False, True))
+def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, monkeypatch,
+                                                             capsys, quiet):
+    """Through mergekit's run_merge: a line per tensor on stderr, named, with its shape
+    (here every tensor counts as long); none under --quiet."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    class Eager(data_free.TensorProgress):
+        def __init__(self, what, write):
+            super().__init__(what, write, after=0.0, every=0.0)
+
+    monkeypatch.setattr(data_free, "TensorProgress", Eager)
+    config = {"merge_method": "wudi", "base_model": llama["base"], "dtype": "float32",
+              "models": [{"model": p} for p in llama["fts"]],
+              "parameters": {"wudi_steps": 3, "wudi_lr": 1e-7}}
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"),
+              MergeOptions(copy_tokenizer=False, quiet=quiet))
+    err = capsys.readouterr().err
+    line = "wudi: model.layers.0.mlp.down_proj.weight ("
+    if quiet:
+        assert "% done after" not in err, err[-2000:]
+    else:
+        assert line in err and "33% done after 0 s, about 0 s left" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("quiet", (False, True))
+def test_tune_forms_a_rule_as_quietly_as_it_was_asked(llama, monkeypatch, capsys, quiet):
+    """tune's own forming (not run_merge) says the progress too, and not under --quiet."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_awd import tune
+
+    class Eager(data_free.TensorProgress):
+        def __init__(self, what, write):
+            super().__init__(what, write, after=0.0, every=0.0)
+
+    monkeypatch.setattr(data_free, "TensorProgress", Eager)
+    config = MergeConfiguration.model_validate(
+        {"merge_method": "wudi", "base_model": llama["base"], "dtype": "float32",
+         "models": [{"model": p} for p in llama["fts"]],
+         "parameters": {"wudi_steps": 3, "wudi_lr": 1e-7}})
+    former = tune.Former(config, MergeOptions(quiet=quiet), 2**40,
+                         tune.load_model(llama["base"]), in_memory=True)
+    candidate = tune.Candidate("wudi", (("lambda", 1.0),))
+    former.prepare([candidate])
+    capsys.readouterr()
+    assert former.form(candidate)
+    err = capsys.readouterr().err
+    assert ("wudi: model.layers.0.mlp.down_proj.weight (" in err) != quiet, err[-2000:]

@@ -8,6 +8,8 @@ and on the general prompts.
     python benchmarks/smollm2/data_free.py WORK --regime b-inst --seed 0
     python benchmarks/smollm2/data_free.py WORK --regime b-inst --seed 0 \
         --methods awd_tsv,awd_wudi --keep-delta 1
+    python benchmarks/smollm2/data_free.py WORK --regime a --seed 2 \
+        --methods tsv,iso_c,awd_tsv,awd_iso_c --tag spectral
     python benchmarks/smollm2/data_free_tables.py WORK/data-free/*/s*/tune.json
 
 WORK is run.py's folder (the base, the data and the fine-tunes are made there when
@@ -63,6 +65,9 @@ def main():
     parser.add_argument("--keep-delta", default=None,
                         help="keep_delta values of the AWD variants (tune's --keep-delta; "
                              "default: tune's, 0); the run goes to its own folder")
+    parser.add_argument("--tag", default=None,
+                        help="a name for this run's folder (sSEED-TAG), e.g. for other --methods "
+                             "on models that an earlier run of the seed already made")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--n", type=int, default=200, help="test prompts per task")
     parser.add_argument("--n-val", type=int, default=100, help="validation prompts per task")
@@ -72,7 +77,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     merge_base, models, data = models_of(args.work, args.regime, args.seed, args.steps,
                                          args.n, args.n_val)
-    name = f"s{args.seed}" + (f"-kd{args.keep_delta}" if args.keep_delta else "")
+    name = (f"s{args.seed}" + (f"-kd{args.keep_delta}" if args.keep_delta else "")
+            + (f"-{args.tag}" if args.tag else ""))
     folder = os.path.join(args.work, "data-free", args.regime, name)
     os.makedirs(folder, exist_ok=True)
     path = run.recipe(merge_base, models, os.path.join(folder, "recipe.yml"))
