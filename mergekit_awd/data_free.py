@@ -84,8 +84,9 @@ def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str]
 class TensorProgress:
     """How one tensor's rule goes, said on stderr: nothing for its first ``after``
     seconds (most tensors form in less), then a line every ``every`` seconds with the
-    share done and the time left at the rate so far (a 1B model's embedding takes
-    WUDI over an hour on CPU, under a progress bar that counts whole tensors)."""
+    share done and the time left at the rate since the first step (a rule's set-up,
+    e.g. WUDI's A and B, is not a step's cost). A 1B model's embedding takes WUDI
+    over an hour on CPU, under a progress bar that counts whole tensors."""
 
     def __init__(self, what: str, write: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, after: float = 30.0,
@@ -93,15 +94,19 @@ class TensorProgress:
         self.what, self.write, self.clock, self.every = what, write, clock, every
         self.start = clock()
         self.due = self.start + after
+        self.first: Optional[tuple] = None  # (time, share) of the first step
 
     def __call__(self, fraction: float) -> None:
         now = self.clock()
+        if self.first is None:
+            self.first = (now, fraction)
         if now < self.due:
             return
         self.due = now + self.every
-        spent = now - self.start
-        self.write(f"{self.what}: {100 * fraction:.0f}% done after {duration(spent)}, "
-                   f"about {duration(spent * (1 - fraction) / fraction)} left")
+        t0, f0 = self.first
+        rate = (now - t0) / (fraction - f0) if fraction > f0 else (now - self.start) / fraction
+        self.write(f"{self.what}: {100 * fraction:.0f}% done after "
+                   f"{duration(now - self.start)}, about {duration(rate * (1 - fraction))} left")
 
 
 def duration(seconds: float) -> str:

@@ -310,17 +310,17 @@ def test_rules_tell_their_progress_and_it_changes_nothing():
 
 def test_tensor_progress_speaks_only_on_long_tensors():
     """Silent for its first 30 s, then one line a minute: share done, time left at the
-    rate so far."""
+    rate since the first step (10 s of set-up before it do not count)."""
     now, lines = [100.0], []
     progress = data_free.TensorProgress("wudi: embed (49152 x 576)", lines.append,
                                         clock=lambda: now[0])
     for t, f in ((110, 0.1), (129, 0.2), (130, 0.25), (150, 0.3), (190, 0.5), (4000, 0.9)):
         now[0] = t
         progress(f)
-    assert lines == ["wudi: embed (49152 x 576): 25% done after 30 s, about 1 min 30 s left",
+    assert lines == ["wudi: embed (49152 x 576): 25% done after 30 s, about 1 min 40 s left",
                      "wudi: embed (49152 x 576): 50% done after 1 min 30 s, "
-                     "about 1 min 30 s left",
-                     "wudi: embed (49152 x 576): 90% done after 1 h 5 min, about 7 min 13 s left"]
+                     "about 1 min 40 s left",
+                     "wudi: embed (49152 x 576): 90% done after 1 h 5 min, about 8 min 6 s left"]
 
 
 @pytest.mark.parametrize("quiet", (False, True))
@@ -348,6 +348,7 @@ def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, mo
         assert "% done after" not in err, err[-2000:]
     else:
         assert line in err and "33% done after 0 s, about 0 s left" in err, err[-2000:]
+        assert "67% done after" in err
 
 
 @pytest.mark.parametrize("quiet", (False, True))
