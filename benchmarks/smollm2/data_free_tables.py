@@ -63,8 +63,8 @@ def plain_rule(method: str) -> str:
 def load(path: str):
     """(tune.json, its tested scores, its best row per method). ``A.json+B.json``: one
     seed's run A with run B beside it (the same data and fine-tunes, other settings,
-    e.g. the AWD variants at keep_delta 1): B's methods join A's as "METHOD (B's
-    settings)", compared with A's TIES and plain rule."""
+    e.g. the AWD variants at keep_delta 1): B's methods join A's, as "METHOD (B's
+    settings)" where A has METHOD too, compared with A's TIES and plain rule."""
     first, *others = path.split("+")
     t = json.load(open(first))
     test, best = tested(t), best_per_method(t)
@@ -76,7 +76,8 @@ def load(path: str):
                 continue  # the same candidate as A's, or not scored on test
             shared = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items()
                                if k not in ("lambda", "alpha"))
-            best[f"{method} ({shared})"] = r
+            # a method A did not run keeps its name (pooled with the seeds that ran it)
+            best[method if method not in best else f"{method} ({shared})"] = r
             test[r["candidate"]] = theirs[r["candidate"]]
     return t, test, best
 
