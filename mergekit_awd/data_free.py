@@ -72,13 +72,13 @@ def knobs(rule: str, s: Settings) -> dict:
 
 
 def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str],
-                 vocabulary_axis: Optional[int],
-                 progress: spectral.Progress = None) -> torch.Tensor:
+                 vocabulary_axis: Optional[int]) -> torch.Tensor:
     """The merged task vector (before lambda) of one tensor's stacked, weighted task
-    vectors ``taus`` (T x shape)."""
+    vectors ``taus`` (T x shape); the rule's progress said where it runs long."""
     if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
         return spectral.average(taus)
-    return spectral.merged(rule, taus, progress, **knobs(rule, s))
+    return spectral.merged(rule, taus, tensor_progress(rule, name, taus.shape[1:]),
+                           **knobs(rule, s))
 
 
 class TensorProgress:
@@ -147,9 +147,7 @@ def scaled_delta(rule: str, taus: torch.Tensor, s: Settings, metadata) -> torch.
     """lambda * the merged task vector of one tensor's stacked task vectors ``taus``
     (weighted in place), ``metadata`` its mergekit TensorMetadata."""
     taus = weighted(taus, s.weights)
-    progress = tensor_progress(rule, metadata.name, taus.shape[1:])
-    return s.lam * merged_delta(rule, taus, s, metadata.name, metadata.vocabulary_axis,
-                                progress)
+    return s.lam * merged_delta(rule, taus, s, metadata.name, metadata.vocabulary_axis)
 
 
 class DataFreeMerge(GroupMergeMethod):

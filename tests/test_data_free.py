@@ -323,8 +323,18 @@ def test_tensor_progress_speaks_only_on_long_tensors():
                      "wudi: embed (49152 x 576): 90% done after 1 h 5 min, about 8 min 6 s left"]
 
 
+@pytest.fixture
+def eager_progress(monkeypatch):
+    """Every tensor counts as long: a progress line at every step."""
+    class Eager(data_free.TensorProgress):
+        def __init__(self, what, write):
+            super().__init__(what, write, after=0.0, every=0.0)
+
+    monkeypatch.setattr(data_free, "TensorProgress", Eager)
+
+
 @pytest.mark.parametrize("quiet", (False, True))
-def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, monkeypatch,
+def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, eager_progress,
                                                              capsys, quiet):
     """Through mergekit's run_merge: a line per tensor on stderr, named, with its shape
     (here every tensor counts as long); none under --quiet."""
@@ -332,11 +342,6 @@ def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, mo
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    class Eager(data_free.TensorProgress):
-        def __init__(self, what, write):
-            super().__init__(what, write, after=0.0, every=0.0)
-
-    monkeypatch.setattr(data_free, "TensorProgress", Eager)
     config = {"merge_method": "wudi", "base_model": llama["base"], "dtype": "float32",
               "models": [{"model": p} for p in llama["fts"]],
               "parameters": {"wudi_steps": 3, "wudi_lr": 1e-7}}
@@ -352,18 +357,13 @@ def test_a_merge_shows_a_long_tensor_s_progress_unless_quiet(llama, tmp_path, mo
 
 
 @pytest.mark.parametrize("quiet", (False, True))
-def test_tune_forms_a_rule_as_quietly_as_it_was_asked(llama, monkeypatch, capsys, quiet):
+def test_tune_forms_a_rule_as_quietly_as_it_was_asked(llama, eager_progress, capsys, quiet):
     """tune's own forming (not run_merge) says the progress too, and not under --quiet."""
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
     from mergekit_awd import tune
 
-    class Eager(data_free.TensorProgress):
-        def __init__(self, what, write):
-            super().__init__(what, write, after=0.0, every=0.0)
-
-    monkeypatch.setattr(data_free, "TensorProgress", Eager)
     config = MergeConfiguration.model_validate(
         {"merge_method": "wudi", "base_model": llama["base"], "dtype": "float32",
          "models": [{"model": p} for p in llama["fts"]],
