@@ -1,50 +1,85 @@
 #!/usr/bin/env bash
-# The quick start's merge, score and tune on the shipped example models under the
-# arithmetic of other CPUs, simulated on this one: torch's kernel width
-# (ATEN_CPU_CAPABILITY default / avx2 / avx512), MKL's code path (MKL_CBWR
-# COMPATIBLE / AVX2 / AUTO, i.e. what another vendor's CPU would run) and the thread
-# count (a machine with another core count splits its sums differently). Prints, per
-# setting, whether the quick start's printed output is the same bytes as the first
-# setting's (the reproducible mode that run.sh sets) and the merged weights' digest,
-# and keeps every log.
+# The quick start's merge, score and tune on the shipped example models, on other
+# CPUs, each compared with what the README quotes (docs/quickstart.log):
+#  - other CPU kinds, emulated by QEMU's user mode (Debian's qemu-user), the Python
+#    process and every library in it running on the emulated CPU:
+#      intel-xeon: `qemu-x86_64 -cpu Cascadelake-Server-v5`, an Intel Xeon
+#        (GenuineIntel, so MKL and oneDNN take their Intel paths; QEMU has AVX2 but no
+#        AVX-512), this venv's torch;
+#      arm64: `qemu-aarch64`, an ARMv8 CPU with SVE, Debian's arm64 Python and arm64
+#        wheels (torch's OpenBLAS instead of MKL), made by benchmarks/arm64_root.sh
+#        in $ARM64_ROOT (default /work/arm64); skipped where it is missing;
+#  - other arithmetics of this CPU: torch's kernel width (ATEN_CPU_CAPABILITY),
+#    MKL's code path (MKL_CBWR) and the thread count.
+# Every setting runs in its own folder laid out as the quick start's (out/...), so its
+# printed lines are the quick start's; each log is compared with docs/quickstart.log
+# (less the lines that name this machine: the path of out/, transformers' notices).
 #
-#   bash benchmarks/quickstart_cpus.sh [OUT_DIR]     # ~2 min a setting on 2 cores
+#   bash benchmarks/quickstart_cpus.sh [OUT_DIR] [SETTING ...]
+#   # ~1 min a native setting, ~10-25 min an emulated one, on 2 cores
 set -uo pipefail
 cd "$(dirname "$0")/.."
-. .venv/bin/activate
-out=${1:-out/quickstart-cpus}
+repo=$PWD
+out=$(realpath -m "${1:-out/quickstart-cpus}")
+shift || true
+only=" $* "
 mkdir -p "$out"
-python example_configs/examples.py check example_models/tiny-llama || exit 1
-python example_configs/examples.py data example_models/data > /dev/null
+.venv/bin/python example_configs/examples.py check example_models/tiny-llama || exit 1
+.venv/bin/python example_configs/examples.py data example_models/data > /dev/null
+arm=${ARM64_ROOT:-/work/arm64}/root
 data=()
 for t in reverse sort shift add; do
   data+=(--data "$t=example_models/data/$t.val.jsonl" --test "$t=example_models/data/$t.test.jsonl")
 done
-# name capability mkl threads
-settings="reproducible,default,COMPATIBLE,2
-one-thread,default,COMPATIBLE,1
-avx2-mkl-avx2-3-threads,avx2,AVX2,3
-avx512-mkl-auto-8-threads,avx512,AUTO,8
-avx512-mkl-sse42-2-threads,avx512,SSE4_2,2"
-first=""
-while IFS=, read -r name cap mkl threads; do
-  log="$out/$name.log"
-  work="$out/run"  # one folder for every setting: the logs name the same paths
-  rm -rf "$work"
+# What run.sh prints that a setting prints too: the quoted block less the lines that
+# name the machine (transformers' notices, the absolute path) or that run.sh alone
+# prints (the check of the models, its own echo lines).
+expected=$out/expected.log
+grep -v "^#\|torch_dtype\|Loading weights\|^example models:\|^AWD-merged\|^Choosing\|^$" \
+  docs/quickstart.log > "$expected"
+
+# name, runner, ATEN_CPU_CAPABILITY, MKL_CBWR, threads
+settings="this-cpu,native,default,COMPATIBLE,2
+intel-xeon,qemu-x86_64 -cpu Cascadelake-Server-v5,default,COMPATIBLE,2
+arm64,qemu-aarch64,default,COMPATIBLE,2
+one-thread,native,default,COMPATIBLE,1
+avx2-mkl-avx2-3-threads,native,avx2,AVX2,3
+avx512-mkl-auto-8-threads,native,avx512,AUTO,8
+avx512-mkl-sse42-2-threads,native,avx512,SSE4_2,2"
+while IFS=, read -r name runner cap mkl threads; do
+  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || continue
+  case $runner in
+    native) py=("$repo/.venv/bin/python") ;;
+    qemu-aarch64)
+      if [ ! -x "$arm/usr/bin/python3.11" ]; then
+        printf '%-28s skipped: no arm64 Python in %s (bash benchmarks/arm64_root.sh)\n' "$name" "$arm"
+        continue
+      fi
+      py=(qemu-aarch64 -L "$arm" "$arm/usr/bin/python3.11") ;;
+    *) read -ra py <<< "$runner"; py+=("$repo/.venv/bin/python") ;;
+  esac
+  work=$out/$name
+  rm -rf "$work" && mkdir -p "$work"
+  ln -s "$repo/example_configs" "$repo/example_models" "$work/"
+  log=$out/$name.log
   start=$(date +%s)
   (
+    cd "$work"
     export ATEN_CPU_CAPABILITY=$cap MKL_CBWR=$mkl OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
-    mergekit-yaml example_configs/tiny-awd.yml "$work/tiny-awd" --quiet &&
-    mergekit-yaml example_configs/tiny-task-arithmetic.yml "$work/tiny-task-arithmetic" --quiet &&
-    python example_configs/examples.py eval "$work/tiny-awd" "$work/tiny-task-arithmetic" &&
-    mergekit-awd tune example_configs/tiny-awd.yml "${data[@]}" --quiet \
+    export PYTHONPATH=$repo HF_HUB_OFFLINE=1
+    yaml=("${py[@]}" -m mergekit.scripts.run_yaml)
+    tune=("${py[@]}" -c "import sys; from mergekit_awd.cli import main; sys.argv[0] = 'mergekit-awd'; main()")
+    "${py[@]}" -c "import platform, torch; print('#', platform.machine(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability())" &&
+    "${yaml[@]}" example_configs/tiny-awd.yml out/tiny-awd --quiet &&
+    "${yaml[@]}" example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet &&
+    "${py[@]}" example_configs/examples.py eval out/tiny-awd out/tiny-task-arithmetic &&
+    "${tune[@]}" tune example_configs/tiny-awd.yml "${data[@]}" --quiet \
       --methods awd,task_arithmetic,ties --lambda 0.3,0.5,0.7 --keep-delta 0,1 \
-      --out "$work/tiny-tune"
-  ) 2>&1 | grep -v "torch_dtype\|Loading weights" | sed "s#$work/##g" > "$log"
-  merged=$(sha256sum "$work/tiny-awd/model.safetensors" | cut -c1-16)
-  if [ -z "$first" ]; then first=$log; verdict="reference"
-  elif cmp -s "$first" "$log"; then verdict="prints the same bytes as $(basename "$first" .log)"
-  else verdict="PRINTS OTHER NUMBERS than $(basename "$first" .log): diff $first $log"; fi
-  printf '%-28s %s threads  %4ss  out/tiny-awd sha256 %s  %s\n' "$name" "$threads" \
-    "$(( $(date +%s) - start ))" "$merged" "$verdict"
+      --out out/tiny-tune
+  ) 2>&1 | grep -v "torch_dtype\|Loading weights\|^qemu-x86_64: warning: TCG" > "$log"
+  merged=$(sha256sum "$work/out/tiny-awd/model.safetensors" 2>/dev/null | cut -c1-16)
+  if cmp -s "$expected" <(grep -v "^#" "$log"); then verdict="prints the README's block"
+  else verdict="PRINTS OTHER LINES than the README: diff $expected $log"; fi
+  printf '%-28s %-32s %s threads %5ss  out/tiny-awd sha256 %s  %s\n' "$name" \
+    "$(head -1 "$log" | cut -c3-)" "$threads" "$(( $(date +%s) - start ))" "${merged:-none}" "$verdict"
 done <<< "$settings"
