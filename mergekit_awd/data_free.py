@@ -77,8 +77,8 @@ def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str]
     vectors ``taus`` (T x shape); the rule's progress said where it runs long."""
     if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
         return spectral.average(taus)
-    return spectral.merged(rule, taus, tensor_progress(rule, name, taus.shape[1:]),
-                           **knobs(rule, s))
+    progress = tensor_progress(rule, name, taus.shape[1:])
+    return spectral.merged(rule, taus, progress, **knobs(rule, s))
 
 
 class TensorProgress:
