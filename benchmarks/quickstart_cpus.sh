@@ -10,8 +10,10 @@
 #      arm64: `qemu-aarch64`, an ARMv8 CPU with SVE, Debian's arm64 Python and arm64
 #        wheels (torch's OpenBLAS instead of MKL), made by benchmarks/arm64_root.sh
 #        in $ARM64_ROOT (default /work/arm64); skipped where it is missing;
-#  - other arithmetics of this CPU: torch's kernel width (ATEN_CPU_CAPABILITY),
-#    MKL's code path (MKL_CBWR) and the thread count.
+#  - other arithmetics of this CPU: torch's kernel width (ATEN_CPU_CAPABILITY) and
+#    the thread count. (MKL's code path cannot be varied on an AMD CPU: MKL runs its
+#    generic path there whatever MKL_CBWR asks; each log's first line says the path
+#    MKL took, as MKL_VERBOSE names it.)
 # Every setting runs in its own folder laid out as the quick start's (out/...), so its
 # printed lines are the quick start's; each log is compared with docs/quickstart.log
 # (less the lines that name this machine: the path of out/, transformers' notices).
@@ -49,9 +51,8 @@ intel-xeon,qemu-x86_64 -cpu Cascadelake-Server-v5,default,COMPATIBLE,2
 intel-xeon-avx2-mkl-auto,qemu-x86_64 -cpu Cascadelake-Server-v5,avx2,AUTO,2
 arm64,qemu-aarch64,default,COMPATIBLE,2
 one-thread,native,default,COMPATIBLE,1
-avx2-mkl-avx2-3-threads,native,avx2,AVX2,3
-avx512-mkl-auto-8-threads,native,avx512,AUTO,8
-avx512-mkl-sse42-2-threads,native,avx512,SSE4_2,2"
+avx2-kernels-3-threads,native,avx2,AUTO,3
+avx512-kernels-8-threads,native,avx512,AUTO,8"
 while IFS=, read -r name runner cap mkl threads; do
   [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || continue
   case $runner in
@@ -75,7 +76,12 @@ while IFS=, read -r name runner cap mkl threads; do
     export PYTHONPATH=$repo HF_HUB_OFFLINE=1
     yaml=("${py[@]}" -m mergekit.scripts.run_yaml)
     tune=("${py[@]}" -c "import sys; from mergekit_awd.cli import main; sys.argv[0] = 'mergekit-awd'; main()")
-    "${py[@]}" -c "import platform, torch; print('#', platform.machine(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability())" &&
+    # MKL's code path as MKL itself names it (MKL_VERBOSE), for one product: MKL
+    # takes its own vendor's vector paths only on an Intel CPU, whatever MKL_CBWR asks
+    path=$(MKL_VERBOSE=1 "${py[@]}" -c "import torch; a = torch.ones(64, 64); a @ a" 2>&1 |
+      grep -o "for Intel(R) 64 architecture .* processors" | head -1 |
+      sed 's/.*Intel(R) Architecture processors/generic/; s/.*(Intel(R) \([A-Z0-9_-]*\)) enabled processors/\1/')
+    "${py[@]}" -c "import platform, torch; print('#', platform.machine(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability(), 'MKL', '${path:-none}')" &&
     "${yaml[@]}" example_configs/tiny-awd.yml out/tiny-awd --quiet &&
     "${yaml[@]}" example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet &&
     "${py[@]}" example_configs/examples.py eval out/tiny-awd out/tiny-task-arithmetic &&
@@ -86,6 +92,6 @@ while IFS=, read -r name runner cap mkl threads; do
   merged=$(sha256sum "$work/out/tiny-awd/model.safetensors" 2>/dev/null | cut -c1-16)
   if cmp -s "$expected" <(grep -v "^#" "$log"); then verdict="prints the README's block"
   else verdict="PRINTS OTHER LINES than the README: diff $expected $log"; fi
-  printf '%-28s %-32s %s threads %5ss  out/tiny-awd sha256 %s  %s\n' "$name" \
+  printf '%-26s %-52s %s threads %5ss  out/tiny-awd sha256 %s  %s\n' "$name" \
     "$(head -1 "$log" | cut -c3-)" "$threads" "$(( $(date +%s) - start ))" "${merged:-none}" "$verdict"
 done <<< "$settings"
