@@ -66,11 +66,11 @@ def _combine(combine_with: str, declared, base, taus, w, delta, s: Settings,
     if w is not None:
         delta = combine(torch.zeros_like(base), taus, torch.from_numpy(w), 1.0)
     hat = taus - delta.to(taus.device, taus.dtype) if delta is not None else taus
-    if combine_with in data_free.RULES:  # the rule on hat itself (no copy)
-        merged = base + data_free.scaled_delta(combine_with, hat, s, metadata)
-    else:
+    if combine_with not in data_free.RULES:
         merged = base + mergekit_combination(combine_with, declared, torch.zeros_like(base),
                                              list(hat.unbind(0)), s)
+    else:  # the rule on hat itself (no copy)
+        merged = base + data_free.scaled_delta(combine_with, hat, s, metadata)
     if delta is not None and s.keep_delta:
         merged.add_(delta.to(merged.device, merged.dtype), alpha=s.keep_delta)
     return merged

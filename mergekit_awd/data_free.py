@@ -75,10 +75,10 @@ def merged_delta(rule: str, taus: torch.Tensor, s: Settings, name: Optional[str]
                  vocabulary_axis: Optional[int]) -> torch.Tensor:
     """The merged task vector (before lambda) of one tensor's stacked, weighted task
     vectors ``taus`` (T x shape); the rule's progress said where it runs long."""
-    if not is_matrix(taus[0]) or excluded(s.exclude, name, vocabulary_axis):
-        return spectral.average(taus)
-    progress = tensor_progress(rule, name, taus.shape[1:])
-    return spectral.merged(rule, taus, progress, **knobs(rule, s))
+    if is_matrix(taus[0]) and not excluded(s.exclude, name, vocabulary_axis):
+        progress = tensor_progress(rule, name, taus.shape[1:])
+        return spectral.merged(rule, taus, progress, **knobs(rule, s))
+    return spectral.average(taus)
 
 
 class TensorProgress:
