@@ -132,8 +132,8 @@ def grid(methods: Sequence[str], values: Dict[str, Sequence[float]]) -> List[Can
 DEFAULT_METHODS = ("task_arithmetic", "ties", "awd", "awd_ties", "wudi", "tsv", "iso_c",
                    "awd_wudi")
 # The data-free rules among them beat TIES in SmolLM2 regime (a), every seed measured,
-# and awd_wudi was the choice in regime (b) (fine-tunes sharing a stage: +5.4 [+3.7,
-# +7.3] over wudi on test, 2 seeds; in (a) -0.7 [-1.5, +0.2], 3 seeds)
+# and awd_wudi was the choice in regime (b) (fine-tunes sharing a stage: +6.8 [+5.3,
+# +8.3] over wudi on test, 3 seeds; in (a) -0.7 [-1.5, +0.2], 3 seeds)
 # (docs/benchmarks.md), but they cost far more to form than a sum: 4 task vectors, 2 CPU
 # cores, wudi and awd_wudi ~8 min each at 135M and 5.3 h at 1B, tsv ~70 s and 30 min,
 # iso_c ~13 s and 6 min (a task-arithmetic merge: 5-12 s and ~25 s), growing with
