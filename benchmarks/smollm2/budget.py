@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 TASKS = ("reverse", "sort", "initials", "add")
 METHODS = ("task_arithmetic", "ties")
