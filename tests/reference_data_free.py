@@ -2,7 +2,9 @@
 (the shape of FusionBench 0.2.33's reference code), not from mergekit_awd.
 
 Each takes the task vectors of one matrix as a list of T (m x n) float64 tensors and
-returns the merged task vector. WUDI builds the T x m x m products and lets autograd
+returns the merged task vector (float32 tensors: the same algorithm in float32, which
+tells how much of a float32 merge's difference from the float64 reference is the
+algorithm's own float32 error). WUDI builds the T x m x m products and lets autograd
 differentiate them, as the reference does. The whole-model merge (``merge``) reads
 the safetensors files itself: every 2-D tensor by the rule (3-D: each slice), the
 others averaged, ``lambda`` scaling all of it.
@@ -19,9 +21,9 @@ def tsv_m(taus, r=None):
     T, (m, n) = len(taus), taus[0].shape
     k = min(m, n)
     r = int(k * (1 / T)) if r is None else r
-    sum_u = torch.zeros(m, k, dtype=torch.float64)
-    sum_s = torch.zeros(k, dtype=torch.float64)
-    sum_vh = torch.zeros(k, n, dtype=torch.float64)
+    sum_u = torch.zeros(m, k, dtype=taus[0].dtype)
+    sum_s = torch.zeros(k, dtype=taus[0].dtype)
+    sum_vh = torch.zeros(k, n, dtype=taus[0].dtype)
     for i, tau in enumerate(taus):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
         sum_u[:, i * r:(i + 1) * r] = u[:, :r]
@@ -46,9 +48,9 @@ def iso_cts(taus, fraction=0.8):
     u, s, v = torch.linalg.svd(sum(taus), full_matrices=False)
     cu, cs, cv = u[:, :common], s[:common], v[:common, :]
     per = int((k - common) / T)
-    U = torch.zeros(shape[0], k, dtype=torch.float64)
-    S = torch.zeros(k, dtype=torch.float64)
-    V = torch.zeros(k, shape[1], dtype=torch.float64)
+    U = torch.zeros(shape[0], k, dtype=taus[0].dtype)
+    S = torch.zeros(k, dtype=taus[0].dtype)
+    V = torch.zeros(k, shape[1], dtype=taus[0].dtype)
     for i, w in enumerate(taus):
         ut, st, vt = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
         U[:, i * per:(i + 1) * per] = ut[:, :per]
@@ -89,24 +91,29 @@ def rule(method, taus, params):
     raise ValueError(method)
 
 
-def merge_tensor(method, base, fts, params, weights=None, excluded=False):
-    """base + lambda * (RULE or mean) of weight_i * tau_i, float64."""
+def merge_tensor(method, base, fts, params, weights=None, excluded=False,
+                 dtype=torch.float64):
+    """base + lambda * (RULE or mean) of weight_i * tau_i, computed in ``dtype`` and
+    returned in float64."""
     weights = weights or [1.0] * len(fts)
-    taus = [w * (f.double() - base.double()) for w, f in zip(weights, fts)]
+    taus = [w * (f.to(dtype) - base.to(dtype)) for w, f in zip(weights, fts)]
     lam = params.get("lambda", 1.0)
     if excluded or base.ndim not in (2, 3):
-        return base.double() + lam * sum(taus) / len(taus)
-    if base.ndim == 2:
-        return base.double() + lam * rule(method, taus, params)
-    return base.double() + lam * torch.stack(
-        [rule(method, [t[e] for t in taus], params) for e in range(base.shape[0])])
+        merged = sum(taus) / len(taus)
+    elif base.ndim == 2:
+        merged = rule(method, taus, params)
+    else:
+        merged = torch.stack([rule(method, [t[e] for t in taus], params)
+                              for e in range(base.shape[0])])
+    return base.double() + lam * merged.double()
 
 
 def merge(method, base_path, ft_paths, params, weights=None, excluded=lambda name: False,
-          load=reference.load):
-    """The merged state dict and the base's (``load``: path -> state dict)."""
+          load=reference.load, dtype=torch.float64):
+    """The merged state dict (computed in ``dtype``, returned in float64) and the
+    base's (``load``: path -> state dict)."""
     base = load(base_path)
     fts = [load(p) for p in ft_paths]
     return {name: merge_tensor(method, b, [f[name] for f in fts], params, weights,
-                               excluded(name))
+                               excluded(name), dtype)
             for name, b in base.items()}, base

@@ -132,12 +132,20 @@ def test_kernel_weights_lambda_and_the_rest_averaged():
 # -- whole models through mergekit ------------------------------------------------------
 
 
-def _check_model(merged, want, base, rel=1e-5):
+def _check_model(merged, want, base, rel=1e-5, float32=None):
+    """Each merged tensor is the float64 reference's to ``rel`` of its move from the
+    base, plus one float32 unit of the result, plus 3x what the same naive algorithm
+    loses in float32 (``float32``: its merge computed so): an SVD's truncation at rank
+    r amplifies float32 rounding by s_1 / (s_r - s_r+1), so TSV-M's float32 error on
+    the embedding is 1.5x the first two terms with torch's portable kernels (0.9x
+    with AVX2); the naive float32 run's own error was 0.8-1.2x the merge's."""
     assert set(merged) == set(want)
     for name, tensor in merged.items():
         moved = float((want[name] - base[name].double()).norm())
         err = float((tensor.double() - want[name]).norm())
-        assert err <= rel * moved + 2.0 ** -23 * float(want[name].norm()), (name, err, moved)
+        own = 0.0 if float32 is None else float((float32[name] - want[name]).norm())
+        bound = rel * moved + 2.0 ** -23 * float(want[name].norm()) + 3 * own
+        assert err <= bound, (name, err, moved, own)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +165,8 @@ def test_mergekit_yaml_equals_the_naive_merge(llama, tmp_path, method):
               "models": [{"model": p} for p in llama["fts"]], "parameters": params}
     mergekit_yaml(config, tmp_path / "out")
     want, base = naive.merge(method, llama["base"], llama["fts"], params)
-    _check_model(reference.load(str(tmp_path / "out")), want, base)
+    float32, _ = naive.merge(method, llama["base"], llama["fts"], params, dtype=torch.float32)
+    _check_model(reference.load(str(tmp_path / "out")), want, base, float32=float32)
 
 
 @pytest.mark.parametrize("family, method", [("qwen3-moe", "tsv"), ("qwen2-tied", "iso_c"),
@@ -178,11 +187,13 @@ def test_run_merge_on_other_families(tmp_path, family, method):
     merged = reference.load(str(tmp_path / "out"))
     vocab = {n for n in merged if "wte" in n or "embed" in n or "lm_head" in n}
     assert vocab
-    want, base = naive.merge(method, paths["base"], paths["fts"], params,
-                             excluded=lambda n: n in vocab,
-                             load=lambda p: load_state(p, family, torch.float32))
+    want, float32 = (naive.merge(method, paths["base"], paths["fts"], params,
+                                 excluded=lambda n: n in vocab, dtype=dtype,
+                                 load=lambda p: load_state(p, family, torch.float32))
+                     for dtype in (torch.float64, torch.float32))
+    (want, base), (float32, _) = want, float32
     assert any(t.ndim == 3 for t in base.values()) == (family in ("qwen3-moe", "mixtral"))
-    _check_model(merged, want, base)
+    _check_model(merged, want, base, float32=float32)
 
 
 @pytest.mark.parametrize("method", ("awd_tsv", "awd_iso_cts", "awd_wudi"))

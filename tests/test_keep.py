@@ -3,9 +3,10 @@
 What is checked: the keep loss tune reports is a merge's loss on the reference model's
 own greedy answers (a naive token-by-token reference, through the model mergekit-yaml
 writes from best.yml); the fit sees only the keep examples it owns, the report and
-the decision the others; the keep term moves the fit; a learned merge that forgets
-is not adopted; a recorded run gains its keep losses without being scored again; bad
-input gets one line and writes nothing.
+the decision the others (that the term moves the fit is checked in test_learn.py,
+on a fixture where the tasks and the keep set pull apart); a learned merge that
+forgets is not adopted; a recorded run gains its keep losses without being scored
+again; bad input gets one line and writes nothing.
 """
 
 import json
@@ -158,15 +159,6 @@ def test_learn_fits_the_keep_part_and_reports_on_the_other(example, tmp_path, mo
     assert static["keep"]["examples"] == reported
     assert "keep" in table["decision"] and "decision, keep loss" in output
     assert "fit loss + 1 x keep" in output
-
-
-def test_the_keep_term_keeps_what_the_base_model_did(example, tmp_path):
-    """The same fit with a keep weight of 5 ends with a lower keep loss (on keep
-    examples it did not see) than without the term."""
-    heavy = _learn(example, tmp_path, "heavy", 5)[0]["learned"][0]
-    none = _learn(example, tmp_path, "none", 0)[0]["learned"][0]
-    assert heavy["history"][-1]["keep_loss"] < none["history"][-1]["keep_loss"] - 0.01
-    assert heavy["history"][-1]["keep_loss"] < heavy["history"][0]["keep_loss"]
 
 
 @pytest.mark.parametrize("keep_learned, adopted", [

@@ -10,14 +10,20 @@ from conftest import mergekit_yaml, recipe
 
 
 def assert_merge_matches(out_dir, expected, base, tol=1e-5):
-    """Every merged tensor's delta from base matches the reference's to ``tol`` relative."""
+    """Every merged tensor's delta from base matches the reference's to ``tol``
+    relative, above the float32 result's own rounding (one unit of its last place,
+    norm-wise): these deltas are 1/200 of the weights, so one unit is 2.6e-5 of a
+    delta, and the merges differ from the reference by 0.35-0.39 units (0.9-1.0e-5
+    of the delta: the result's rounding alone)."""
     merged = reference.load(str(out_dir))
     assert set(merged) == set(expected)
     for name, ref in expected.items():
         got = merged[name].double()
         want_delta = ref - base[name]
-        err = (got - ref).norm() / want_delta.norm().clamp_min(1e-30)
-        assert err < tol, f"{name}: relative error {err:.2e}"
+        moved = want_delta.norm().clamp_min(1e-30)
+        err = (got - ref).norm()
+        bound = tol * moved + 2.0 ** -23 * ref.norm()
+        assert err < bound, f"{name}: error {err / moved:.2e} of the delta > {bound / moved:.2e}"
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
