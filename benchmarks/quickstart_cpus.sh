@@ -56,14 +56,17 @@ avx512-kernels-8-threads,native,avx512,AUTO,8"
 while IFS=, read -r name runner cap mkl threads; do
   [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || continue
   case $runner in
-    native) py=("$repo/.venv/bin/python") ;;
+    native) py=("$repo/.venv/bin/python")
+      cpu=$(awk -F': ' '/^vendor_id/ {v = $2} /^cpu family/ {f = $2} /^model\t/ {m = $2}
+        /^flags/ {x = ($2 ~ /avx512f/) ? "AVX-512" : "no AVX-512"}
+        END {print v " family " f " model " m ", " x}' /proc/cpuinfo) ;;
     qemu-aarch64)
       if [ ! -x "$arm/usr/bin/python3.11" ]; then
         printf '%-28s skipped: no arm64 Python in %s (bash benchmarks/arm64_root.sh)\n' "$name" "$arm"
         continue
       fi
-      py=(qemu-aarch64 -L "$arm" "$arm/usr/bin/python3.11") ;;
-    *) read -ra py <<< "$runner"; py+=("$repo/.venv/bin/python") ;;
+      py=(qemu-aarch64 -L "$arm" "$arm/usr/bin/python3.11"); cpu="qemu-aarch64 -cpu max" ;;
+    *) read -ra py <<< "$runner"; py+=("$repo/.venv/bin/python"); cpu=$runner ;;
   esac
   work=$out/$name
   rm -rf "$work" && mkdir -p "$work"
@@ -81,7 +84,7 @@ while IFS=, read -r name runner cap mkl threads; do
     path=$(MKL_VERBOSE=1 "${py[@]}" -c "import torch; a = torch.ones(64, 64); a @ a" 2>&1 |
       grep -o "for Intel(R) 64 architecture .* processors" | head -1 |
       sed 's/.*Intel(R) Architecture processors/generic/; s/.*(Intel(R) \([A-Z0-9_-]*\)) enabled processors/\1/')
-    "${py[@]}" -c "import platform, torch; print('#', platform.machine(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability(), 'MKL', '${path:-none}')" &&
+    "${py[@]}" -c "import platform, torch; print('# ${cpu}:', platform.machine(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability(), 'MKL', '${path:-none}')" &&
     "${yaml[@]}" example_configs/tiny-awd.yml out/tiny-awd --quiet &&
     "${yaml[@]}" example_configs/tiny-task-arithmetic.yml out/tiny-task-arithmetic --quiet &&
     "${py[@]}" example_configs/examples.py eval out/tiny-awd out/tiny-task-arithmetic &&
