@@ -187,11 +187,13 @@ def test_run_merge_on_other_families(tmp_path, family, method):
     merged = reference.load(str(tmp_path / "out"))
     vocab = {n for n in merged if "wte" in n or "embed" in n or "lm_head" in n}
     assert vocab
-    want, float32 = (naive.merge(method, paths["base"], paths["fts"], params,
-                                 excluded=lambda n: n in vocab, dtype=dtype,
-                                 load=lambda p: load_state(p, family, torch.float32))
-                     for dtype in (torch.float64, torch.float32))
-    (want, base), (float32, _) = want, float32
+    def naive_in(dtype):
+        return naive.merge(method, paths["base"], paths["fts"], params,
+                           excluded=lambda n: n in vocab, dtype=dtype,
+                           load=lambda p: load_state(p, family, torch.float32))
+
+    want, base = naive_in(torch.float64)
+    float32, _ = naive_in(torch.float32)
     assert any(t.ndim == 3 for t in base.values()) == (family in ("qwen3-moe", "mixtral"))
     _check_model(merged, want, base, float32=float32)
 

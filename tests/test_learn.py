@@ -246,7 +246,7 @@ def test_per_layer_coefficients_close_the_gap_no_single_lambda_can(layered):
     assert gaps["model"] < 0.5, gaps   # one coefficient per model cannot
 
 
-def _from_a_quarter(layered):
+def _layered_fit_from_ta(layered):
     """The layered fixture's examples, the base model's own greedy answers to the
     prompts of examples 64-, and a per-layer fit's setup from task arithmetic at
     lambda 0.25 (model, setup, scorer)."""
@@ -272,7 +272,7 @@ def test_early_stopping_keeps_the_held_out_best(layered):
     best held-out evaluation, not the last."""
     from mergekit_awd import learn
 
-    examples, own, model, setup, scorer = _from_a_quarter(layered)
+    examples, own, model, setup, scorer = _layered_fit_from_ta(layered)
     fit_tasks = _loss_tasks(examples[:64])
     held_tasks = _loss_tasks(own)
     result = learn.fit(model, setup.basis, setup.groups, setup.gamma0, fit_tasks, held_tasks,
@@ -295,7 +295,7 @@ def test_the_keep_term_keeps_what_the_base_model_did(layered):
     from mergekit_awd import evaluate, learn
     from mergekit_awd.keep import Keep
 
-    examples, own, model, setup, scorer = _from_a_quarter(layered)
+    examples, own, model, setup, scorer = _layered_fit_from_ta(layered)
     history = {}
     for weight in (0, 5):
         keep = Keep(report=evaluate.Task("keep", "keep", own[16:]),
